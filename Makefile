@@ -1,0 +1,34 @@
+# The two commands a user needs: `make demo` and `make test`. Both create .venv if missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OUT ?= out
+
+.PHONY: demo test lint install clean bench
+
+install: $(STAMP)
+
+# --no-deps: the lock is complete, and nothing may pull another torch build than the pinned CPU wheel.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pruneflow.demo --out $(OUT)/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/trial_stages.py
+	$(PY) benchmarks/macs_vs_latency.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache

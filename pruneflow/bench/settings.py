@@ -1,0 +1,66 @@
+"""Benchmark settings (pydantic v2). Torch-free, openvino/onnxruntime-free."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["BenchmarkOptions", "DEVICE_PATTERN"]
+
+# One device name: upper-case identifier with an optional ".N" index (CPU, GPU, GPU.0, NPU).
+_NAME = r"[A-Z][A-Z0-9_]*(?:\.[0-9]+)?"
+# Virtual devices that take a comma separated priority list: AUTO:GPU,CPU  HETERO:GPU.1,CPU  MULTI:...
+# AUTO also accepts "-NAME" to exclude a device (AUTO:-CPU).
+_VIRTUAL = r"(?:AUTO|HETERO|MULTI|BATCH)"
+DEVICE_PATTERN = re.compile(rf"^(?:{_VIRTUAL}:-?{_NAME}(?:,-?{_NAME})*|{_NAME})$")
+
+
+class BenchmarkOptions(BaseModel):
+    """How to benchmark one model. Serialised verbatim into latency.json under "settings"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["openvino", "onnxruntime"] = "openvino"
+    # OpenVINO device string: CPU, GPU, GPU.0, NPU, AUTO, AUTO:GPU,CPU, HETERO:GPU,CPU, MULTI:GPU,CPU
+    device: str = "CPU"
+    # OpenVINO INFERENCE_PRECISION_HINT; onnxruntime supports only f32.
+    precision: Literal["f32", "f16", "bf16"] = "f32"
+    # OpenVINO INFERENCE_NUM_THREADS / onnxruntime intra_op_num_threads.
+    threads: int = Field(1, ge=1, le=256)
+    # OpenVINO PERFORMANCE_HINT (ignored by onnxruntime).
+    hint: Literal["latency", "throughput"] = "latency"
+    warmup: int = Field(20, ge=0)
+    rounds: int = Field(5, ge=1)
+    iterations: int = Field(100, ge=1)  # timed calls per round
+    seed: int = 0  # seed of the random benchmark input
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            hint = ""
+            if DEVICE_PATTERN.match(value.upper()):
+                hint = f" (device names are upper-case: did you mean {value.upper()!r}?)"
+            raise ValueError(
+                f"device {value!r} is not a valid OpenVINO device string{hint}; expected an upper-case "
+                "device name with an optional .N index (CPU, GPU, GPU.0, NPU, AUTO) or a virtual device "
+                "with a priority list (AUTO:GPU,CPU, HETERO:GPU,CPU, MULTI:GPU.0,GPU.1)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_backend_combination(self) -> BenchmarkOptions:
+        if self.backend == "onnxruntime":
+            if self.device != "CPU":
+                raise ValueError(
+                    f"device={self.device!r} is not supported with backend='onnxruntime' "
+                    "(only the CPU execution provider is used): set device='CPU' or backend='openvino'"
+                )
+            if self.precision != "f32":
+                raise ValueError(
+                    f"precision={self.precision!r} is not supported with backend='onnxruntime' "
+                    "(it runs the model in f32): set precision='f32' or backend='openvino'"
+                )
+        return self

@@ -1,0 +1,105 @@
+"""Export to ONNX (one file, static input shape) and OpenVINO IR, with output parity checked."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ParityError(RuntimeError):
+    """An exported model whose outputs differ from torch's beyond the tolerance."""
+
+
+def export_onnx(model: nn.Module, input_shape: list[int], path: str | Path, opset: int = 18,
+                exporter: str = "torchscript") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    x = torch.zeros(*input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torchscript exporter's deprecation notice, once per call
+        torch.onnx.export(
+            model, (x,), str(path),
+            dynamo=exporter == "dynamo",
+            external_data=False,
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=opset,
+        )
+    sidecar = Path(str(path) + ".data")
+    if sidecar.exists():
+        raise RuntimeError(f"{path}: exporter wrote an external-data sidecar; expected one file")
+    return path
+
+
+def export_openvino(onnx_path: str | Path, xml_path: str | Path, input_shape: list[int],
+                    compress_to_fp16: bool = False) -> Path:
+    import openvino as ov
+
+    xml_path = Path(xml_path)
+    ov_model = ov.convert_model(str(onnx_path), input=[list(input_shape)])
+    if ov_model.inputs[0].partial_shape.is_dynamic:
+        raise RuntimeError(f"{xml_path}: OpenVINO model has a dynamic input shape")
+    ov.save_model(ov_model, str(xml_path), compress_to_fp16=compress_to_fp16)
+    return xml_path
+
+
+def _run_onnxruntime(onnx_path: Path, inputs: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[None]})[0] for x in inputs])
+
+
+def _run_openvino(xml_path: Path, inputs: np.ndarray) -> np.ndarray:
+    import openvino as ov
+
+    core = ov.Core()
+    # f32 explicitly: CPUs with AMX/AVX512-BF16 would otherwise run bf16 and fail parity for the wrong reason
+    compiled = core.compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    outs = []
+    for x in inputs:
+        request.infer({0: x[None]})
+        outs.append(np.array(request.get_output_tensor(0).data, copy=True))
+    return np.concatenate(outs)
+
+
+@torch.no_grad()
+def check_parity(model: nn.Module, onnx_path: Path, xml_path: Path, inputs: torch.Tensor, atol: float) -> dict:
+    """Compare ONNX Runtime and OpenVINO outputs with torch's on the same inputs (batch 1 each)."""
+    model.eval()
+    ref = torch.cat([model(x[None]) for x in inputs]).numpy()
+    xs = inputs.numpy().astype(np.float32)
+    ort_out = _run_onnxruntime(onnx_path, xs)
+    ov_out = _run_openvino(xml_path, xs)
+    result = {
+        "samples": len(xs),
+        "atol": atol,
+        "onnxruntime_max_abs_diff": float(np.abs(ort_out - ref).max()),
+        "openvino_max_abs_diff": float(np.abs(ov_out - ref).max()),
+        "onnxruntime_argmax_agreement": float((ort_out.argmax(1) == ref.argmax(1)).mean()),
+        "openvino_argmax_agreement": float((ov_out.argmax(1) == ref.argmax(1)).mean()),
+    }
+    result["passed"] = max(result["onnxruntime_max_abs_diff"], result["openvino_max_abs_diff"]) <= atol
+    return result
+
+
+def save_reference(path: Path, inputs: torch.Tensor, model: nn.Module) -> Path:
+    """Inputs and torch outputs, so the (torch-free) benchmark can check outputs before timing."""
+    with torch.no_grad():
+        out = model.eval()(inputs[:1]).numpy()
+    np.savez(path, input=inputs[:1].numpy().astype(np.float32), output=out)
+    return path
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
