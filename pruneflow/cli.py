@@ -48,7 +48,7 @@ def cmd_baseline(args) -> int:
     if args.data_path:
         ds["path"] = args.data_path
     metrics = train_baseline(args.model, DatasetSpec(**ds), args.epochs, args.out, model_kwargs=_kv(args.model_kwarg),
-                             lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=_Progress(args.json))
+                             lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=_Progress())
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     else:
@@ -88,7 +88,7 @@ def cmd_trial(args) -> int:
     if overrides:
         spec = spec.model_validate({**spec.model_dump(), **overrides})
     try:
-        summary = run_trial(spec, _Progress(args.json))
+        summary = run_trial(spec, _Progress())
     except TrialFailed as exc:
         if args.json:
             print(json.dumps({"status": "failed", "stage": exc.stage, "reason": exc.reason}))
@@ -156,7 +156,7 @@ def cmd_bench(args) -> int:
     fields = {k: getattr(args, k) for k in ("backend", "device", "precision", "threads", "hint", "warmup",
                                              "rounds", "iterations") if getattr(args, k) is not None}
     opts = BenchmarkOptions(**fields)
-    result = measure(args.model, opts, progress=_Progress(args.json))
+    result = measure(args.model, opts, progress=_Progress())
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0
 

@@ -152,7 +152,9 @@ def filters_to_remove(n_filters: int, sparsity: float) -> int:
         value = float(sparsity)
         if not math.isfinite(value):
             raise ValueError(f"sparsity must be finite, got {sparsity!r}")
-        frac = Fraction(repr(value))
+        # The shortest decimal that round-trips: repr for Python floats, str for numpy scalars (so that
+        # a float32 0.7 counts as 0.7, not 0.699999988).
+        frac = Fraction(str(sparsity) if type(sparsity).__module__ == "numpy" else repr(value))
     if not 0 <= frac <= 1:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
     return math.floor(int(n_filters) * frac)

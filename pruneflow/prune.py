@@ -386,7 +386,6 @@ def coupled_sets(model: nn.Module, input_shape) -> list[list[str]]:
     """The prunable layers grouped by coupling: layers in one set must lose the same filters."""
     layers = prunable_layers(model, input_shape)
     modules = dict(model.named_modules())
-    names = {m: n for n, m in modules.items()}
     graph = build_graph(model, input_shape)
     seen: set[str] = set()
     sets = []

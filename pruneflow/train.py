@@ -86,7 +86,7 @@ def train(
             optim.step()
             sched.step()
             seen += len(idx)
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((out.argmax(1) == yb).sum())
         val_top1, val_loss = evaluate(model, *val_xy)
         metrics = {

@@ -35,7 +35,9 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
 
 
 class ConvBNReLU(nn.Sequential):
-    def __init__(self, in_planes: int, out_planes: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
+    def __init__(
+        self, in_planes: int, out_planes: int, kernel_size: int = 3, stride: int = 1, groups: int = 1
+    ):
         padding = (kernel_size - 1) // 2
         super().__init__(
             nn.Conv2d(in_planes, out_planes, kernel_size, stride, padding, groups=groups, bias=False),
@@ -106,5 +108,7 @@ class MobileNetV2(nn.Module):
 
 
 @register_model("mobilenetv2")
-def mobilenetv2(in_channels: int, num_classes: int, width_mult: float = 1.0, dropout: float = 0.2) -> MobileNetV2:
+def mobilenetv2(
+    in_channels: int, num_classes: int, width_mult: float = 1.0, dropout: float = 0.2
+) -> MobileNetV2:
     return MobileNetV2(in_channels, num_classes, width_mult=width_mult, dropout=dropout)

@@ -53,7 +53,9 @@ class Transition(nn.Module):
 
 
 class DenseNetTiny(nn.Module):
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, growth: int = 8, layers_per_block: int = 3):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, growth: int = 8, layers_per_block: int = 3
+    ):
         super().__init__()
         stem = 2 * growth
         self.conv1 = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False)
@@ -107,7 +109,9 @@ class ResNeXtBlock(nn.Module):
 
 
 class ResNeXtTiny(nn.Module):
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, cardinality: int = 4, base_width: int = 8):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, cardinality: int = 4, base_width: int = 8
+    ):
         super().__init__()
         if cardinality < 2:
             raise ValueError(f"cardinality must be >= 2 (grouped convs), got {cardinality}")
@@ -239,12 +243,16 @@ class MobileNetTiny(nn.Module):
 
 
 @register_model("densenet_tiny")
-def densenet_tiny(in_channels: int, num_classes: int, growth: int = 8, layers_per_block: int = 3) -> DenseNetTiny:
+def densenet_tiny(
+    in_channels: int, num_classes: int, growth: int = 8, layers_per_block: int = 3
+) -> DenseNetTiny:
     return DenseNetTiny(in_channels, num_classes, growth=growth, layers_per_block=layers_per_block)
 
 
 @register_model("resnext_tiny")
-def resnext_tiny(in_channels: int, num_classes: int, cardinality: int = 4, base_width: int = 8) -> ResNeXtTiny:
+def resnext_tiny(
+    in_channels: int, num_classes: int, cardinality: int = 4, base_width: int = 8
+) -> ResNeXtTiny:
     return ResNeXtTiny(in_channels, num_classes, cardinality=cardinality, base_width=base_width)
 
 

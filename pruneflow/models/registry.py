@@ -34,9 +34,11 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 
     def decorator(factory: ModelFactory) -> ModelFactory:
         if not callable(factory):
-            raise TypeError(f"register_model({name!r}) must decorate a callable, got {type(factory).__name__}")
+            raise TypeError(
+                f"register_model({name!r}) must decorate a callable, got {type(factory).__name__}"
+            )
         existing = _REGISTRY.get(name)
-        if existing is not None and existing is not factory:
+        if existing is not None and _describe(existing) != _describe(factory):  # same name = module reload
             raise ValueError(f"model name {name!r} is already registered (by {_describe(existing)})")
         _REGISTRY[name] = factory
         return factory
@@ -49,7 +51,7 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+def build_model(name: str, in_channels: int, num_classes: int, /, **kwargs: Any) -> nn.Module:
     """Build a registered model, or a user model given as ``"package.module:factory"``.
 
     Raises:
@@ -125,7 +127,9 @@ def _import_factory(spec: str) -> ModelFactory:
 
 def _check_module(model: Any, name: str) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model factory for {name!r} returned {type(model).__name__}, expected a torch.nn.Module")
+        raise TypeError(
+            f"model factory for {name!r} returned {type(model).__name__}, expected a torch.nn.Module"
+        )
     return model
 
 

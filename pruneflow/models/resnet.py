@@ -78,7 +78,9 @@ class ResNetCifar(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
             downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * BasicBlock.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.Conv2d(
+                    self.inplanes, planes * BasicBlock.expansion, kernel_size=1, stride=stride, bias=False
+                ),
                 nn.BatchNorm2d(planes * BasicBlock.expansion),
             )
         layers = [BasicBlock(self.inplanes, planes, stride, downsample)]

@@ -1,0 +1,95 @@
+"""Shared helpers of the benchmark scripts: machine facts, a reusable baseline, tables.
+
+Not part of the library and never run by CI. Everything is written under out/bench/.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "out" / "bench"
+
+if str(REPO) not in sys.path:  # run as `python benchmarks/NAME.py` from a checkout without an install
+    sys.path.insert(0, str(REPO))
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):
+        return "n/a"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def nproc() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine_header(title: str, argv: Sequence[str] | None = None) -> str:
+    """The lines printed above every benchmark's tables: what ran, where, and how loaded the machine was."""
+    from importlib import metadata
+
+    def v(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    cmd = " ".join([".venv/bin/python", os.path.relpath(sys.argv[0], REPO), *(argv if argv is not None else sys.argv[1:])])
+    return "\n".join([
+        f"# {title}",
+        f"command:  {cmd}",
+        f"date:     {datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"machine:  nproc {nproc()}, {cpu_model()}, {platform.machine()}, Linux {platform.release()}",
+        f"software: python {platform.python_version()}, torch {v('torch')}, torch-pruning {v('torch-pruning')}, "
+        f"openvino {v('openvino')}, onnxruntime {v('onnxruntime')}",
+        f"load avg: {load_avg()} (1/5/15 min) at start",
+    ])
+
+
+def ensure_baseline(epochs: int = 3, out_dir: Path | None = None, progress=print) -> Path:
+    """A ResNet-20 digits (32x32) baseline under out/bench/, trained once and reused on re-runs."""
+    import json
+
+    out_dir = out_dir or OUT / f"baseline-resnet20-digits-e{epochs}"
+    ckpt, meta = out_dir / "baseline.pt", out_dir / "baseline.json"
+    if ckpt.is_file() and meta.is_file() and json.loads(meta.read_text()).get("epochs") == epochs:
+        return ckpt
+    from pruneflow.baseline import train_baseline
+    from pruneflow.data import DatasetSpec
+
+    progress(f"baseline: training resnet20 on digits 32x32 for {epochs} epoch(s) into {out_dir} (once)")
+    m = train_baseline("resnet20", DatasetSpec(name="digits", image_size=32), epochs, out_dir)
+    progress(f"baseline: val Top-1 {m['val_top1']:.2f}% after {m['train_seconds']:.0f} s")
+    return ckpt
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align_left: int = 1) -> str:
+    """Plain-text table; the first `align_left` columns are left-aligned, the rest right-aligned."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(vals: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) if i < align_left else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(vals, widths, strict=True))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])

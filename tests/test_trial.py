@@ -1,0 +1,116 @@
+"""A whole rapid trial end to end, recording twice, failures and abandonment, stage by stage."""
+
+import json
+
+import pytest
+
+from pruneflow import stages
+from pruneflow.checkpoint import load_checkpoint
+from pruneflow.spec import SpecError, parse_spec
+from pruneflow.stages import TrialFailed, run_trial
+from pruneflow.store import ResultsStore
+
+
+def test_rapid_trial_end_to_end(spec_dict):
+    spec = parse_spec({**spec_dict, "trial_id": "e2e"})
+    summary = run_trial(spec)
+    d = spec.trial_dir()
+    for name in ("spec.json", "plan.json", "masked_metrics.json", "thinned.pt", "thin.json", "epochs.json",
+                 "model.onnx", "model.xml", "model.bin", "parity.json", "latency.json", "result.json"):
+        assert (d / name).is_file(), name
+    assert not (d / "model.onnx.data").exists()
+    assert summary["status"] == "succeeded"
+    assert summary["sparsities"]["layer1"]["achieved"] == 0.5
+    assert summary["sparsities"]["layer3"]["achieved"] == 0.75
+    thin = json.loads((d / "thin.json").read_text())
+    assert thin["params_after"] < thin["params_before"] and thin["macs_after"] < thin["macs_before"]
+    assert thin["max_abs_diff"] <= 1e-4
+    latency = json.loads((d / "latency.json").read_text())
+    assert latency["settings"]["precision"] == "f32"
+    assert latency["compiled_properties"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert len(latency["round_medians_ms"]) == 2
+    # the thinned checkpoint is weights only and rebuilds the thinned shape
+    model, payload = load_checkpoint(d / "thinned.pt")
+    assert model.layer1[0].conv1.out_channels == 8 and model.layer3[0].conv1.out_channels == 16
+    row = ResultsStore(spec.db).get_trial("e2e")
+    assert row["status"] == "succeeded" and row["latency_median_ms"] > 0
+    assert row["top1_masked"] == summary["top1_masked"]
+    assert row["spec_json"]["pruning"]["groups"][0]["name"] == "layer1"
+    assert row["versions_json"]["torch"].startswith("2.13")
+    assert row["host"]
+
+
+def test_recording_twice_does_not_duplicate(spec_dict):
+    spec = parse_spec({**spec_dict, "trial_id": "twice", "finetune": {"epochs": 1}})
+    run_trial(spec)
+    stages.record(spec)
+    stages.benchmark(spec)
+    stages.record(spec)
+    store = ResultsStore(spec.db)
+    assert [r["trial_id"] for r in store.list_trials()] == ["twice"]
+    assert len(store.epochs("twice")) == 1
+    assert len(store.benchmarks("twice")) == 1
+
+
+def test_fine_tuning_recovers_and_records_epochs(spec_dict):
+    spec = parse_spec({**spec_dict, "trial_id": "ft", "finetune": {"epochs": 2, "lr": 0.02}})
+    summary = run_trial(spec)
+    epochs = ResultsStore(spec.db).epochs("ft")
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert summary["top1_final"] == epochs[-1]["val_top1"]
+    assert summary["top1_final"] > summary["top1_masked"]
+    assert (spec.trial_dir() / "finetuned.pt").is_file()
+
+
+def test_chance_level_network_is_abandoned(spec_dict):
+    # an impossible learning rate keeps the network at chance; it is stopped after chance_patience epochs
+    spec = parse_spec({**spec_dict, "trial_id": "chance",
+                       "finetune": {"epochs": 3, "lr": 10, "chance_patience": 1, "chance_margin": 100}})
+    summary = run_trial(spec)
+    assert summary["status"] == "abandoned"
+    assert "chance" in summary["reason"]
+    row = ResultsStore(spec.db).get_trial("chance")
+    assert row["status"] == "abandoned" and "chance" in row["reason"] and row["epochs_run"] == 1
+    assert not (spec.trial_dir() / "model.onnx").exists()  # no export or benchmark of an abandoned trial
+
+
+def test_failing_stage_records_the_reason(spec_dict):
+    spec = parse_spec({**spec_dict, "trial_id": "fail", "export": {"parity_atol": 1e-12}})
+    with pytest.raises(TrialFailed) as exc:
+        run_trial(spec)
+    assert exc.value.stage == "export"
+    row = ResultsStore(spec.db).get_trial("fail")
+    assert row["status"] == "failed"
+    assert row["reason"].startswith("export: export parity failed")
+    assert "export.parity_atol" in row["reason"]
+    assert json.loads((spec.trial_dir() / "error.json").read_text())["stage"] == "export"
+
+
+def test_glob_matching_nothing_fails_before_work(spec_dict):
+    groups = [{"name": "g", "patterns": ["layer7.*"], "sparsity": 0.5}]
+    spec = parse_spec({**spec_dict, "trial_id": "glob", "pruning": {"groups": groups}})
+    with pytest.raises(TrialFailed, match=r"layer7.*prunable layers: conv1"):
+        run_trial(spec)
+    assert not (spec.trial_dir() / "thinned.pt").exists()
+
+
+def test_missing_or_mismatched_baseline_is_a_spec_error(spec_dict, tmp_path):
+    with pytest.raises(Exception, match="checkpoint not found"):
+        run_trial(parse_spec({**spec_dict, "baseline": {"checkpoint": str(tmp_path / "nope.pt")}}))
+    with pytest.raises(SpecError, match="dataset: gives input"):
+        run_trial(parse_spec({**spec_dict, "dataset": {"name": "digits", "image_size": 32}}))
+    with pytest.raises(SpecError, match="model.name"):
+        run_trial(parse_spec({**spec_dict, "model": {"name": "resnet32"}}))
+    assert ResultsStore(spec_dict["db"]).list_trials() == []
+
+
+def test_onnxruntime_backend_and_distiller_schedule(spec_dict):
+    pruning = {"groups": [], "distiller_schedule": "examples/distiller_resnet20.yaml"}
+    spec = parse_spec({**spec_dict, "trial_id": "ort", "pruning": pruning, "benchmark": {
+        "backend": "onnxruntime", "rounds": 2, "iterations": 10, "warmup": 2}})
+    summary = run_trial(spec)
+    assert summary["status"] == "succeeded"
+    plan = json.loads((spec.trial_dir() / "plan.json").read_text())
+    removed = {e["layer"]: len(e["removed"]) for e in plan["layers"]}
+    assert removed["layer1.0.conv1"] == 4 and removed["layer2.0.conv1"] == 16 and removed["layer3.0.conv1"] == 44
+    assert json.loads((spec.trial_dir() / "latency.json").read_text())["backend"] == "onnxruntime"
