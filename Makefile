@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test lint install clean bench system-deps
 
 install: $(STAMP)
 
@@ -23,7 +23,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+system-deps:
+	bash scripts/system-deps.sh
+
+test: $(STAMP) system-deps lint
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)

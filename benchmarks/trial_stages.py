@@ -33,31 +33,106 @@ STAGE_NAMES = ("prepare", "prune", "thinnify", "retrain", "export", "benchmark",
 RESEARCH_S = (24.0, 55.0)  # the research pipeline's seconds per rapid trial (about 90 per hour)
 TARGET_S = 10.0
 
-# Library functions the time goes to: (label, file suffix, function name). Inclusive times: rows overlap
-# (load_checkpoint of a thinned model includes a build_graph, thin includes one, ...).
+# Library functions the time goes to: (label, module, attribute path). Each is wrapped with a timer while
+# the trials run (the stages import them at call time, so the wrappers are what they call). Inclusive
+# times: rows overlap (load_checkpoint of a thinned model includes a build_graph, and so on).
 HOTSPOTS = [
-    ("train.evaluate (full val/test forward)", "pruneflow/train.py", "evaluate"),
-    ("data.load_dataset (digits, resize)", "pruneflow/data.py", "load_dataset"),
-    ("checkpoint.load_checkpoint", "pruneflow/checkpoint.py", "load_checkpoint"),
-    ("checkpoint.save_checkpoint", "pruneflow/checkpoint.py", "save_checkpoint"),
-    ("prune.build_graph (Torch-Pruning trace)", "pruneflow/prune.py", "build_graph"),
-    ("prune.make_plan", "pruneflow/prune.py", "make_plan"),
-    ("prune.masked_copy", "pruneflow/prune.py", "masked_copy"),
-    ("prune.thin", "pruneflow/prune.py", "thin"),
-    ("prune.count_params_and_macs", "pruneflow/prune.py", "count_params_and_macs"),
-    ("prune.max_output_difference (64 imgs)", "pruneflow/prune.py", "max_output_difference"),
-    ("export.export_onnx (torch.onnx)", "pruneflow/export.py", "export_onnx"),
-    ("export.export_openvino (convert+save)", "pruneflow/export.py", "export_openvino"),
-    ("export.check_parity", "pruneflow/export.py", "check_parity"),
-    ("  parity: onnxruntime session+runs", "pruneflow/export.py", "_run_onnxruntime"),
-    ("  parity: openvino compile+runs", "pruneflow/export.py", "_run_openvino"),
-    ("export.save_reference", "pruneflow/export.py", "save_reference"),
-    ("bench.load_model (OV read+compile)", "pruneflow/bench/backends.py", "load_model"),
-    ("bench.timed_calls (warm-up+rounds)", "pruneflow/bench/backends.py", "timed_calls"),
-    ("gc.collect (bench._gc_paused)", "~", "<built-in method gc.collect>"),
-    ("store.ResultsStore (SQLite)", "pruneflow/store.py", "__init__"),
-    ("stages.versions (importlib.metadata)", "pruneflow/stages.py", "versions"),
+    ("model forward (ResNetCifar.forward)", "pruneflow.models.resnet", "ResNetCifar.forward"),
+    ("train.evaluate (val/test, batch 512)", "pruneflow.train", "evaluate"),
+    ("data.load_dataset (digits, resize)", "pruneflow.data", "load_dataset"),
+    ("checkpoint.load_checkpoint", "pruneflow.checkpoint", "load_checkpoint"),
+    ("checkpoint.save_checkpoint", "pruneflow.checkpoint", "save_checkpoint"),
+    ("prune.build_graph (Torch-Pruning trace)", "pruneflow.prune", "build_graph"),
+    ("prune.make_plan", "pruneflow.prune", "make_plan"),
+    ("prune.masked_copy", "pruneflow.prune", "masked_copy"),
+    ("prune.thin", "pruneflow.prune", "thin"),
+    ("prune.count_params_and_macs", "pruneflow.prune", "count_params_and_macs"),
+    ("prune.max_output_difference (64 imgs)", "pruneflow.prune", "max_output_difference"),
+    ("export.export_onnx (torch.onnx)", "pruneflow.export", "export_onnx"),
+    ("export.export_openvino (convert+save)", "pruneflow.export", "export_openvino"),
+    ("export.check_parity (8 imgs, batch 1)", "pruneflow.export", "check_parity"),
+    ("  parity: onnxruntime", "pruneflow.export", "_run_onnxruntime"),
+    ("  parity: openvino compile+runs", "pruneflow.export", "_run_openvino"),
+    ("export.save_reference", "pruneflow.export", "save_reference"),
+    ("bench.load_model (OV read+compile)", "pruneflow.bench.runner", "load_model"),
+    ("bench timed_calls (warm-up+rounds)", "pruneflow.bench.backends", "OpenVINOModel.timed_calls"),
+    ("bench gc.collect before timing", "pruneflow.bench.runner", "gc.collect"),
+    ("store.ResultsStore open", "pruneflow.store", "ResultsStore.__init__"),
+    ("stages.versions (importlib.metadata)", "pruneflow.stages", "versions"),
 ]
+
+
+class StageTimers:
+    """Wraps the HOTSPOTS functions with timers; seconds and calls are kept per trial and stage."""
+
+    def __init__(self) -> None:
+        self.stage = "-"
+        self.current: dict[tuple[str, str], list[float]] = {}
+        self.trials: list[dict[tuple[str, str], list[float]]] = []
+        self._undo: list[tuple[object, str, object]] = []
+
+    def _wrap(self, label: str, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cell = self.current.setdefault((label, self.stage), [0.0, 0])
+                cell[0] += time.perf_counter() - t0
+                cell[1] += 1
+
+        return timed
+
+    def install(self) -> None:
+        import importlib
+        import types
+
+        for label, module, attr in HOTSPOTS:
+            owner = importlib.import_module(module)
+            *path, name = attr.split(".")
+            if path == ["gc"]:  # the runner's `gc` module: give it a proxy whose collect is timed
+                import gc
+
+                proxy = types.SimpleNamespace(collect=self._wrap(label, gc.collect), isenabled=gc.isenabled,
+                                              enable=gc.enable, disable=gc.disable)
+                self._undo.append((owner, "gc", owner.gc))
+                owner.gc = proxy
+                continue
+            for part in path:
+                owner = getattr(owner, part)
+            original = getattr(owner, name)
+            self._undo.append((owner, name, original))
+            setattr(owner, name, self._wrap(label, original))
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+        self._undo.clear()
+
+    def end_trial(self) -> None:
+        self.trials.append(self.current)
+        self.current = {}
+
+    def matrix(self, trial_indices: list[int]) -> list[list[str]]:
+        """Median over the given trials of the seconds per (function, stage); calls per trial."""
+        rows = []
+        for label, _module, _attr in HOTSPOTS:
+            per_stage = []
+            for stage in STAGE_NAMES:
+                per_stage.append(statistics.median(
+                    self.trials[i].get((label, stage), [0.0, 0])[0] for i in trial_indices))
+            calls = statistics.median(sum(c for (lab, _), (_, c) in self.trials[i].items() if lab == label)
+                                      for i in trial_indices)
+            if not calls:
+                continue
+            rows.append([label, f"{calls:g}", *(f"{v:.2f}" if v >= 0.005 else "" for v in per_stage),
+                         f"{sum(per_stage):.2f}"])
+        return rows
+
+
 # Wrappers skipped in the "top cumulative functions" list: they only forward to what is below them.
 _WRAPPERS = ("_wrapped_call_impl", "_call_impl", "decorate_context", "inner", "__enter__", "__exit__", "wrapper")
 
@@ -74,7 +149,8 @@ def spec_dict(baseline: Path, root: Path, trial_id: str) -> dict:
     }
 
 
-def run_stages(spec, profile: bool = False) -> tuple[dict[str, float], dict[str, pstats.Stats]]:
+def run_stages(spec, profile: bool = False, timers: StageTimers | None = None
+               ) -> tuple[dict[str, float], dict[str, pstats.Stats]]:
     from pruneflow import stages
 
     times: dict[str, float] = {}
@@ -82,6 +158,8 @@ def run_stages(spec, profile: bool = False) -> tuple[dict[str, float], dict[str,
     for name in STAGE_NAMES:
         fn = getattr(stages, name)
         prof = cProfile.Profile() if profile else None
+        if timers is not None:
+            timers.stage = name
         t0 = time.perf_counter()
         if prof is not None:
             prof.enable()
@@ -93,6 +171,8 @@ def run_stages(spec, profile: bool = False) -> tuple[dict[str, float], dict[str,
             profiles[name] = pstats.Stats(prof)
         if name == "retrain" and out.get("abandoned"):
             raise RuntimeError(f"trial abandoned in retrain: {out.get('reason')}")
+    if timers is not None:
+        timers.end_trial()
     times["total"] = sum(times[s] for s in STAGE_NAMES)
     return times, profiles
 
@@ -140,28 +220,16 @@ def top_cumulative(stats: pstats.Stats, n: int) -> list[tuple[str, int, float, f
     return rows[:n]
 
 
-def hotspot_matrix(profiles: dict[str, pstats.Stats]) -> list[list[str]]:
-    rows = []
-    for label, suffix, func in HOTSPOTS:
-        per_stage = []
-        calls = 0
-        for name in STAGE_NAMES:
-            ct = 0.0
-            for key, (_cc, nc, _tt, c, _callers) in profiles[name].stats.items():  # type: ignore[attr-defined]
-                if key[2] == func and key[0].endswith(suffix):
-                    ct += c
-                    calls += nc
-            per_stage.append(ct)
-        if sum(per_stage) < 0.005:
-            continue
-        rows.append([label, str(calls), *(f"{v:.2f}" if v >= 0.005 else "" for v in per_stage), f"{sum(per_stage):.2f}"])
-    return rows
+def _cell(vals: list[float]) -> str:
+    return f"{statistics.median(vals):.2f} ({min(vals):.2f}-{max(vals):.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=None, help="timed trials (default 5; --quick: 2)")
-    ap.add_argument("--quick", action="store_true", help="2 trials, imports timed once")
+    ap.add_argument("--trials", type=int, default=None, help="timed warm trials per torch-threads setting (default 5; --quick: 2)")
+    ap.add_argument("--torch-threads", default="default,1",
+                    help="comma-separated torch intra-op thread settings, alternated trial by trial (default: default,1)")
+    ap.add_argument("--quick", action="store_true", help="2 trials per setting, imports timed once")
     ap.add_argument("--no-profile", action="store_true", help="skip the extra cProfile'd trial")
     ap.add_argument("--baseline-epochs", type=int, default=3)
     args = ap.parse_args(argv)
@@ -178,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     from pruneflow.spec import parse_spec
     in_process_import = time.perf_counter() - t0
 
+    default_threads = torch.get_num_threads()
+    settings = []
+    for tok in args.torch_threads.split(","):
+        tok = tok.strip()
+        n = default_threads if tok == "default" else int(tok)
+        settings.append((f"torch threads {n}" + (" (default)" if tok == "default" else ""), n))
+
     baseline = ensure_baseline(args.baseline_epochs)
     root = OUT / "trial_stages"
     if root.exists():
@@ -186,66 +261,85 @@ def main(argv: list[str] | None = None) -> int:
     bo = BenchmarkOptions()
     print(f"trial:    resnet20, digits 32x32, layer1/2/3 .*.conv1 at 0.5, criterion l1, 0 epochs, baseline {baseline}")
     print(f"          benchmark stage: openvino CPU {bo.precision}, threads {bo.threads}, hint {bo.hint}, "
-          f"warmup {bo.warmup}, {bo.rounds} rounds x {bo.iterations} iterations; torch threads {torch.get_num_threads()}")
-    print(f"trials:   {n_trials} timed in one process (trial 1 cold){'' if args.no_profile else ' + 1 under cProfile'}\n",
+          f"warmup {bo.warmup}, {bo.rounds} rounds x {bo.iterations} iterations")
+    print(f"trials:   1 cold + {n_trials} warm per setting in one process, settings alternated trial by trial: "
+          f"{', '.join(label for label, _ in settings)}{'' if args.no_profile else '; + 1 under cProfile'}\n",
           flush=True)
 
-    runs = []
-    for i in range(n_trials):
-        spec = parse_spec(spec_dict(baseline, root, f"stages-{i + 1}"))
-        times, _ = run_stages(spec)
-        runs.append(times)
-        print(f"trial {i + 1}/{n_trials}: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
-              + f" s  (load {load_avg()})", flush=True)
+    timers = StageTimers()
+    trial_setting: list[str] = []
 
-    cold = runs[0]
-    warm = runs[1:] or runs
-    headers = ["stage", "trial 1 (cold)", f"median ({len(warm)} warm)", "min", "max", "share of median"]
-    med_total = statistics.median(r["total"] for r in warm)
+    def one(tag: str, threads: int, label: str) -> dict[str, float]:
+        torch.set_num_threads(threads)
+        spec = parse_spec(spec_dict(baseline, root, f"stages-{tag}"))
+        times, _ = run_stages(spec, timers=timers)
+        trial_setting.append(label)
+        print(f"trial {tag} (torch threads {threads}): " + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
+              + f" s  (load {load_avg()})", flush=True)
+        return times
+
+    timers.install()
+    cold = one("cold", settings[0][1], "cold")
+    warm: dict[str, list[dict[str, float]]] = {label: [] for label, _ in settings}
+    for i in range(n_trials):
+        for label, threads in settings:
+            warm[label].append(one(f"{i + 1}-t{threads}", threads, label))
+    timers.uninstall()
+    torch.set_num_threads(default_threads)
+
+    first = settings[0][0]
+    med_first = statistics.median(r["total"] for r in warm[first])
+    headers = ["stage", f"cold ({settings[0][1]} thr)", *(f"{label}: median (min-max)" for label, _ in settings),
+               f"share ({settings[0][1]} thr)"]
     rows = []
     for name in (*STAGE_NAMES, "total"):
-        vals = [r[name] for r in warm]
-        med = statistics.median(vals)
-        rows.append([name, f"{cold[name]:.2f}", f"{med:.2f}", f"{min(vals):.2f}", f"{max(vals):.2f}",
-                     f"{100 * med / med_total:.0f}%"])
-    print("\n## Stage wall time (seconds)\n")
+        rows.append([name, f"{cold[name]:.2f}", *(_cell([r[name] for r in warm[label]]) for label, _ in settings),
+                     f"{100 * statistics.median(r[name] for r in warm[first]) / med_first:.0f}%"])
+    print(f"\n## Stage wall time (seconds; warm = {n_trials} trials per setting, interleaved)\n")
     print(table(headers, rows))
+
+    for label, _ in settings:
+        idx = [i for i, lab in enumerate(trial_setting) if lab == label]
+        print(f"\n## Where the time goes, {label}: inclusive seconds of library functions per stage\n"
+              f"(median over the {len(idx)} warm trials, timer-wrapped; rows overlap; calls = per trial)\n")
+        print(table(["function", "calls", *STAGE_NAMES, "trial"], timers.matrix(idx)))
 
     repeats = 1 if args.quick else 3
     imports = import_cost(repeats)
     print(f"\n## Start-up + import cost of a fresh process (median of {repeats}, seconds)\n")
     print(table(["subprocess", "seconds"], [[label, f"{s:.2f}"] for label, s in imports]))
     startup = imports[-1][1]
-    print(f"(the same imports took {in_process_import:.2f} s inside this process before the trials)")
+    print(f"(the same imports took {in_process_import:.2f} s inside this process before the trials; "
+          "pruneflow.stages imports torch through pruneflow.spec -> pruneflow.data)")
 
-    fresh = startup + cold["total"]
-    print("\n## Throughput\n")
-    tp_rows = [
-        ["warm, many trials in one process", f"{med_total:.1f}", f"{3600 / med_total:.0f}",
-         f"{RESEARCH_S[0] / med_total:.1f}-{RESEARCH_S[1] / med_total:.1f}x",
-         "yes" if med_total < TARGET_S else "no"],
-        ["one fresh process per trial (start-up + cold trial)", f"{fresh:.1f}", f"{3600 / fresh:.0f}",
-         f"{RESEARCH_S[0] / fresh:.1f}-{RESEARCH_S[1] / fresh:.1f}x", "yes" if fresh < TARGET_S else "no"],
-        ["research pipeline (reference)", f"{RESEARCH_S[0]:.0f}-{RESEARCH_S[1]:.0f}", "~90", "1x", "no"],
-    ]
-    print(table(["mode", "s/trial", "trials/hour", "vs research", f"< {TARGET_S:.0f} s target"], tp_rows))
+    def tp_row(mode: str, s: float) -> list[str]:
+        return [mode, f"{s:.1f}", f"{3600 / s:.0f}", f"{RESEARCH_S[0] / s:.1f}-{RESEARCH_S[1] / s:.1f}x",
+                "yes" if s < TARGET_S else "no"]
+
+    print("\n## Throughput (research pipeline: 24-55 s per rapid trial, ~90/hour; target < 10 s)\n")
+    tp_rows = [tp_row(f"warm, in one process, {label}", statistics.median(r["total"] for r in warm[label]))
+               for label, _ in settings]
+    tp_rows.append(tp_row(f"fresh process per trial (start-up + cold trial, {settings[0][1]} thr)",
+                          startup + cold["total"]))
+    tp_rows.append(["research pipeline (reference)", f"{RESEARCH_S[0]:.0f}-{RESEARCH_S[1]:.0f}", "~90", "1x", "no"])
+    print(table(["mode", "s/trial", "trials/hour", "vs research", f"< {TARGET_S:.0f} s"], tp_rows))
     print(f"(one process per stage, as separate Airflow tasks would run, adds up to ~{len(STAGE_NAMES)} x "
-          f"{startup:.1f} s of start-up and the cold-path costs of each stage)")
+          f"{startup:.1f} s of start-up plus each stage's cold-path cost)")
 
     if not args.no_profile:
-        spec = parse_spec(spec_dict(baseline, root, "stages-profiled"))
-        ptimes, profiles = run_stages(spec, profile=True)
-        slow = max(STAGE_NAMES, key=lambda s: ptimes[s])
-        print("\n## Where the time goes (one extra warm trial under cProfile; profiling inflates Python-heavy code)\n")
-        print("profiled stage seconds: " + ", ".join(f"{s} {ptimes[s]:.2f}" for s in STAGE_NAMES)
-              + f"; total {ptimes['total']:.2f}")
-        print("\ninclusive seconds of library functions per stage (rows overlap; calls = over the whole trial):\n")
-        print(table(["function", "calls", *STAGE_NAMES, "trial"], hotspot_matrix(profiles)))
-        for name in sorted(STAGE_NAMES, key=lambda s: -ptimes[s])[:3]:
-            print(f"\ntop cumulative functions of `{name}` ({ptimes[name]:.2f} s profiled"
-                  f"{', the slowest stage' if name == slow else ''}):\n")
-            print(table(["function", "calls", "tottime", "cumtime"],
-                        [[f, str(nc), f"{tt:.3f}", f"{ct:.3f}"] for f, nc, tt, ct in top_cumulative(profiles[name], 10)]))
+        for label, threads in settings:
+            torch.set_num_threads(threads)
+            spec = parse_spec(spec_dict(baseline, root, f"stages-profiled-t{threads}"))
+            ptimes, profiles = run_stages(spec, profile=True)
+            print(f"\n## cProfile, {label}: one extra warm trial (profiling inflates Python-heavy code)\n")
+            print("profiled stage seconds: " + ", ".join(f"{s} {ptimes[s]:.2f}" for s in STAGE_NAMES)
+                  + f"; total {ptimes['total']:.2f}  (load {load_avg()})")
+            for name in sorted(STAGE_NAMES, key=lambda s: -ptimes[s])[:2]:
+                print(f"\ntop cumulative functions of `{name}` ({ptimes[name]:.2f} s profiled):\n")
+                print(table(["function", "calls", "tottime", "cumtime"],
+                            [[f, str(nc), f"{tt:.3f}", f"{ct:.3f}"]
+                             for f, nc, tt, ct in top_cumulative(profiles[name], 10)]))
+        torch.set_num_threads(default_threads)
     print(f"\nload avg: {load_avg()} at end")
     return 0
 

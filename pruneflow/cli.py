@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--status", choices=["running", "succeeded", "failed", "abandoned"])
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_trials)
+
+    from pruneflow.airflow_cli import add_airflow_parser
+    add_airflow_parser(sub)
     return p
 
 

@@ -9,6 +9,7 @@ Heavy libraries are imported inside the stages: the benchmark stage must run wit
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -78,15 +79,26 @@ def group_requests(spec: TrialSpec):
     return reqs
 
 
+@functools.lru_cache(maxsize=4)
+def _dataset_cached(dataset_json: str):
+    from pruneflow.data import load_dataset
+
+    return load_dataset(json.loads(dataset_json))
+
+
+def _dataset(spec: TrialSpec):
+    """The trial's data set, loaded once per process (stages of an in-process trial share it)."""
+    return _dataset_cached(spec.dataset.model_dump_json())
+
+
 def _load_baseline(spec: TrialSpec):
     """The baseline model and the data set, checked to fit each other."""
     from pruneflow.checkpoint import load_checkpoint
-    from pruneflow.data import load_dataset
 
     if spec.baseline is None:
         raise SpecError("baseline.checkpoint: required; train one with `pruneflow baseline --out DIR`")
     model, payload = load_checkpoint(spec.baseline.checkpoint)
-    data = load_dataset(spec.dataset)
+    data = _dataset(spec)
     ref = payload["model"]
     if ref["name"] != spec.model.name:
         raise SpecError(f"model.name: {spec.model.name!r} but the baseline {spec.baseline.checkpoint} is {ref['name']!r}")
@@ -140,7 +152,11 @@ def prune(spec: TrialSpec, progress: Progress = _quiet) -> dict:
                      calib=calib, seed=spec.seed)
     masked = masked_copy(model, plan)
     top1, loss = evaluate(masked, *data.val)
-    base_top1, base_loss = evaluate(model, *data.val)
+    base = payload["meta"]
+    if "val_top1" in base and base.get("dataset") == spec.dataset.model_dump():
+        base_top1, base_loss = base["val_top1"], base["val_loss"]
+    else:
+        base_top1, base_loss = evaluate(model, *data.val)
     _write(trial_dir, "plan.json", plan)
     metrics = {"top1": top1, "loss": loss, "baseline_top1": base_top1, "baseline_loss": base_loss,
                "chance_top1": 100.0 / data.num_classes}
@@ -189,12 +205,11 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
 
     extra_rule(metrics) may stop the trial early too (a sweep's pruner); it returns a reason."""
     from pruneflow.checkpoint import load_checkpoint, save_checkpoint
-    from pruneflow.data import load_dataset
     from pruneflow.train import TrainOptions, chance_rule, evaluate, train
 
     trial_dir = spec.trial_dir()
     model, payload = load_checkpoint(trial_dir / "thinned.pt")
-    data = load_dataset(spec.dataset)
+    data = _dataset(spec)
     ft = spec.finetune
     history: list[dict] = []
     reason = None
@@ -229,7 +244,6 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
 
 def export(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     from pruneflow.checkpoint import load_checkpoint
-    from pruneflow.data import load_dataset
     from pruneflow.export import ParityError, check_parity, export_onnx, export_openvino, save_reference
 
     trial_dir = spec.trial_dir()
@@ -238,7 +252,7 @@ def export(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     shape = payload["input_shape"]
     onnx_path = export_onnx(model, shape, trial_dir / "model.onnx", spec.export.opset, spec.export.exporter)
     xml_path = export_openvino(onnx_path, trial_dir / "model.xml", shape, spec.export.compress_to_fp16)
-    data = load_dataset(spec.dataset)
+    data = _dataset(spec)
     inputs = data.val[0][: spec.export.parity_samples]
     parity = check_parity(model, onnx_path, xml_path, inputs, spec.export.parity_atol)
     _write(trial_dir, "parity.json", parity)

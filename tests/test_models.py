@@ -311,9 +311,9 @@ def test_user_model_import_path_with_kwargs(user_path: None) -> None:
     model = build_model("user_models:tiny", 3, 10, width=4)
     assert model.conv1.in_channels == 1 and model.conv1.out_channels == 4
     assert model.eval()(torch.randn(2, 1, 16, 16)).shape == (2, 10)
-    # in_channels / num_classes given by keyword are build_model's own (registry) arguments
-    model = build_model("user_models:tiny", in_channels=3, num_classes=7, width=2)
-    assert model.conv1.out_channels == 2 and model.fc.out_features == 10
+    # in_channels / num_classes given by keyword are the user factory's own arguments
+    model = build_model("user_models:tiny", 3, 10, in_channels=3, num_classes=7, width=2)
+    assert model.conv1.in_channels == 3 and model.conv1.out_channels == 2 and model.fc.out_features == 7
 
 
 def test_user_model_gets_only_kwargs(user_path: None) -> None:

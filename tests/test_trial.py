@@ -25,7 +25,12 @@ def test_rapid_trial_end_to_end(spec_dict):
     thin = json.loads((d / "thin.json").read_text())
     assert thin["params_after"] < thin["params_before"] and thin["macs_after"] < thin["macs_before"]
     assert thin["max_abs_diff"] <= 1e-4
+    parity = json.loads((d / "parity.json").read_text())
+    assert parity["passed"] and parity["samples"] == 8
+    assert parity["onnxruntime_max_abs_diff"] < 1e-3 and parity["openvino_max_abs_diff"] < 1e-3
+    assert parity["onnxruntime_argmax_agreement"] == 1.0
     latency = json.loads((d / "latency.json").read_text())
+    assert latency["check_max_abs_diff"] < 1e-3  # outputs checked before timing
     assert latency["settings"]["precision"] == "f32"
     assert latency["compiled_properties"]["INFERENCE_PRECISION_HINT"] == "f32"
     assert len(latency["round_medians_ms"]) == 2

@@ -1,0 +1,538 @@
+"""`pruneflow airflow {init,up,down,status}`: the embedded Airflow of one machine.
+
+A project-local Airflow home (default `<repo>/.airflow`) holds `airflow.cfg` (rendered once from
+`airflow.cfg.template`), the metadata DB, the admin password, the servers' logs (`logs/*.log`) and pid files
+(`run/*.pid`). The servers are the `airflow` executable of this interpreter's environment, started as
+background processes each in its own process group, with `AIRFLOW_HOME` and the `PRUNEFLOW_*` settings in
+their environment. Trial results live in `PRUNEFLOW_DB` (default `<repo>/out/pruneflow.db`), outside the
+home: neither `down` nor a new `up` touches them.
+
+This module never imports Airflow (DAG-free and fast); it only drives the `airflow` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import configparser
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+# The repository (dags/, plugins/, out/); PRUNEFLOW_HOME points elsewhere, e.g. a deployed copy.
+REPO = Path(os.environ.get("PRUNEFLOW_HOME") or Path(__file__).resolve().parents[1]).resolve()
+TEMPLATE = Path(__file__).resolve().parents[1] / "airflow.cfg.template"
+DEFAULT_PORT = 8080
+DEFAULT_HOST = "127.0.0.1"
+USER = "admin"
+PASSWORDS_FILE = "simple_auth_manager_passwords.json"
+# Started in this order, stopped in reverse. The api-server is last up and first down.
+COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
+# Marks every process this module starts (and, through inheritance, their children): `down` finds
+# stragglers by it, and nothing else carries it.
+MARKER = "PRUNEFLOW_AIRFLOW_SERVER"
+HEALTH_PATH = "/api/v2/monitor/health"
+# Keys of /api/v2/monitor/health that must report "healthy", and the heartbeat field of each.
+HEALTH_KEYS = {"scheduler": "latest_scheduler_heartbeat", "dag_processor": "latest_dag_processor_heartbeat",
+               "triggerer": "latest_triggerer_heartbeat"}
+
+
+class AirflowCliError(RuntimeError):
+    pass
+
+
+@dataclass
+class Home:
+    path: Path
+
+    @property
+    def cfg(self) -> Path:
+        return self.path / "airflow.cfg"
+
+    @property
+    def passwords(self) -> Path:
+        return self.path / PASSWORDS_FILE
+
+    @property
+    def run(self) -> Path:
+        return self.path / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def pidfile(self, name: str) -> Path:
+        return self.run / f"{name}.pid"
+
+    def logfile(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def settings(self) -> configparser.RawConfigParser:
+        parser = configparser.RawConfigParser(strict=False)
+        parser.read(self.cfg)
+        return parser
+
+    def url(self) -> str:
+        s = self.settings()
+        return s.get("api", "base_url", fallback=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}").rstrip("/")
+
+    def host_port(self) -> tuple[str, int]:
+        s = self.settings()
+        return s.get("api", "host", fallback=DEFAULT_HOST), s.getint("api", "port", fallback=DEFAULT_PORT)
+
+
+def resolve_home(arg: str | None) -> Home:
+    raw = arg or os.environ.get("PRUNEFLOW_AIRFLOW_HOME") or str(REPO / ".airflow")
+    return Home(Path(raw).expanduser().resolve())
+
+
+def airflow_executable() -> str:
+    """The `airflow` script next to this interpreter (the same venv), else the one on PATH."""
+    exe = Path(sys.executable).parent / "airflow"
+    if exe.is_file():
+        return str(exe)
+    found = shutil.which("airflow")
+    if not found:
+        raise AirflowCliError("cannot find the `airflow` command: install apache-airflow in this environment")
+    return found
+
+
+def server_env(home: Home) -> dict[str, str]:
+    """Environment of every airflow command run for this home. PRUNEFLOW_* already set win."""
+    env = dict(os.environ)
+    env["AIRFLOW_HOME"] = str(home.path)
+    env["AIRFLOW_CONFIG"] = str(home.cfg)
+    env.setdefault("PRUNEFLOW_HOME", str(REPO))
+    out = REPO / "out"
+    env.setdefault("PRUNEFLOW_ARTIFACTS", str(out / "trials"))
+    env.setdefault("PRUNEFLOW_DB", f"sqlite:///{out / 'pruneflow.db'}")
+    env.setdefault("PRUNEFLOW_BASELINES", str(out / "baselines"))
+    # DAG files and task processes import pruneflow_airflow from the repository.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _airflow(home: Home, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [airflow_executable(), *args]
+    proc = subprocess.run(cmd, env=server_env(home), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+        raise AirflowCliError(f"`airflow {' '.join(args)}` failed ({proc.returncode}):\n{tail}")
+    return proc
+
+
+# ----------------------------------------------------------------------------------------------- init
+
+def _free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def render_config(home: Home, port: int, host: str = DEFAULT_HOST) -> str:
+    if not TEMPLATE.is_file():
+        raise AirflowCliError(f"template not found: {TEMPLATE}")
+    # Airflow's usual side ports for the default install; free ones for any other, so that two homes
+    # (the user's and a test's) can run side by side.
+    log_ports = (8793, 8794) if port == DEFAULT_PORT else (_free_port(host), _free_port(host))
+    values = {
+        "home": str(home.path),
+        "repo": str(REPO),
+        "host": host,
+        "port": str(port),
+        "fernet_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
+        "secret_key": secrets.token_urlsafe(32),
+        "jwt_secret": secrets.token_urlsafe(48),
+        "install_id": secrets.token_hex(4),
+        "worker_log_port": str(log_ports[0]),
+        "trigger_log_port": str(log_ports[1]),
+    }
+    text = TEMPLATE.read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    if "{{" in text:
+        raise AirflowCliError("airflow.cfg.template has an unknown placeholder: "
+                              + text[text.index("{{"):].split("}}")[0] + "}}")
+    return text
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create (or replace) a file readable by its owner only."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _pools(home: Home) -> list[tuple[str, int]]:
+    s = home.settings()
+    names = [n.strip() for n in s.get("pruneflow", "benchmark_pool", fallback="benchmark_cpu").split(",")]
+    slots = s.getint("pruneflow", "benchmark_pool_slots", fallback=1)
+    return [(n, slots) for n in names if n]
+
+
+def _init_stamp(home: Home) -> Path:
+    return home.run / "initialized.json"
+
+
+def _airflow_version() -> str:
+    try:
+        return metadata.version("apache-airflow-core")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def is_initialized(home: Home) -> bool:
+    stamp = _init_stamp(home)
+    if not (home.cfg.is_file() and home.passwords.is_file() and stamp.is_file()):
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("airflow") == _airflow_version()
+    except ValueError:
+        return False
+
+
+def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: bool = False,
+         say=print) -> None:
+    home.path.mkdir(parents=True, exist_ok=True)
+    for d in (home.run, home.logs):
+        d.mkdir(exist_ok=True)
+    if home.cfg.is_file() and not force:
+        if port is not None and home.host_port()[1] != port:
+            say(f"keeping {home.cfg} (port {home.host_port()[1]}; use --force to re-render it with port {port})")
+    else:
+        if force and running(home):
+            raise AirflowCliError("the servers are running: `pruneflow airflow down` before `init --force`")
+        _write_private(home.cfg, render_config(home, port or DEFAULT_PORT, host))
+        say(f"wrote {home.cfg} from {TEMPLATE.name}")
+
+    t0 = time.monotonic()
+    _airflow(home, "db", "migrate")
+    say(f"metadata DB migrated ({time.monotonic() - t0:.1f}s): {home.settings().get('database', 'sql_alchemy_conn')}")
+    for name, slots in _pools(home):
+        _airflow(home, "pools", "set", name, str(slots), f"pruneflow: {slots} slot(s), benchmarks never overlap")
+        say(f"pool {name}: {slots} slot(s)")
+
+    if home.passwords.is_file():
+        say(f"admin password: stored in {home.passwords}")
+    else:
+        password = secrets.token_urlsafe(16)
+        _write_private(home.passwords, json.dumps({USER: password}) + "\n")
+        say(f"user: {USER}\npassword: {password}   (shown once; stored in {home.passwords}, mode 0600)")
+    _write_private(_init_stamp(home), json.dumps({"airflow": _airflow_version(),
+                                                  "at": datetime.now(UTC).isoformat()}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [p.decode(errors="replace") for p in raw.split(b"\0") if p]
+
+
+def _environ_marker(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = MARKER.encode() + b"="
+    for item in raw.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode(errors="replace")
+    return None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _is_zombie(pid)
+
+
+def _read_pid(home: Home, name: str) -> int | None:
+    """The recorded pid of a component, if that process is still the one we started."""
+    try:
+        pid = int(home.pidfile(name).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if not _alive(pid):
+        return None
+    # Guard against pid reuse: it must still be our marked airflow process.
+    if _environ_marker(pid) != str(home.path) or "airflow" not in " ".join(_cmdline(pid)):
+        return None
+    return pid
+
+
+def running(home: Home) -> dict[str, int]:
+    return {name: pid for name in COMPONENTS if (pid := _read_pid(home, name)) is not None}
+
+
+def marked_processes(home: Home) -> list[int]:
+    """Every live process started for this home, or forked from one (task processes included)."""
+    me = os.getpid()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != me and _environ_marker(int(entry.name)) == str(home.path):
+            if _alive(int(entry.name)):
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _start(home: Home, name: str) -> int:
+    env = server_env(home)
+    env[MARKER] = str(home.path)
+    args = [airflow_executable(), name]
+    log = open(home.logfile(name), "ab")  # noqa: SIM115 - handed to the child
+    try:
+        log.write(f"\n==== pruneflow airflow up: {' '.join(args)} at {datetime.now(UTC).isoformat()}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=str(home.path), start_new_session=True, close_fds=True)
+    finally:
+        log.close()
+    home.pidfile(name).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def health(url: str, timeout: float = 3.0) -> dict | None:
+    try:
+        with urllib.request.urlopen(url + HEALTH_PATH, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _healthy_since(report: dict | None, since: datetime | None) -> list[str]:
+    """The components not (yet) healthy; with `since`, a heartbeat older than it does not count."""
+    if report is None:
+        return ["api-server"]
+    bad = []
+    if report.get("metadatabase", {}).get("status") != "healthy":
+        bad.append("metadatabase")
+    for key, beat in HEALTH_KEYS.items():
+        part = report.get(key) or {}
+        ok = part.get("status") == "healthy"
+        if ok and since is not None:
+            ts = part.get(beat)
+            ok = bool(ts) and datetime.fromisoformat(ts) >= since
+        if not ok:
+            bad.append(key)
+    return bad
+
+
+def _log_tail(home: Home, name: str, lines: int = 25) -> str:
+    try:
+        return "\n".join(home.logfile(name).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: float = 180,
+       say=print) -> None:
+    if not is_initialized(home):
+        init(home, port=port, host=host, say=say)
+    elif port is not None and home.host_port()[1] != port:
+        say(f"note: {home.cfg} uses port {home.host_port()[1]}, not {port} (init --force to change it)")
+    url = home.url()
+    host, port = home.host_port()
+    already = running(home)
+    missing = [n for n in COMPONENTS if n not in already]
+    if not missing:
+        say(f"already running ({', '.join(f'{n} {p}' for n, p in already.items())})")
+        _print_access(home, url, say)
+        return
+    if "api-server" in missing and _port_in_use(host, port):
+        raise AirflowCliError(f"port {port} on {host} is taken by another program: free it, or "
+                              f"`pruneflow airflow init --force --port N` to use another port")
+    since = datetime.now(UTC)
+    t0 = time.monotonic()
+    started = {}
+    for name in missing:
+        started[name] = _start(home, name)
+    say(f"started {', '.join(f'{n} (pid {p})' for n, p in started.items())}; logs in {home.logs}/")
+    # A component restarted now must heartbeat after `since`; one already running just needs to be healthy.
+    need_fresh = since if set(missing) & {"scheduler", "dag-processor", "triggerer"} else None
+    bad: list[str] = []
+    while time.monotonic() - t0 < timeout:
+        for name, pid in started.items():
+            if not _alive(pid):
+                stop(home, say=lambda *_: None)
+                raise AirflowCliError(f"{name} exited during start-up; last lines of {home.logfile(name)}:\n"
+                                      + _log_tail(home, name))
+        report = health(url)
+        bad = _healthy_since(report, need_fresh)
+        if not bad:
+            break
+        time.sleep(0.5)
+    else:
+        raise AirflowCliError(f"not healthy after {timeout:.0f}s ({', '.join(bad)}); see {home.logs}/*.log "
+                              "(`pruneflow airflow down` stops what was started)")
+    say(f"healthy after {time.monotonic() - t0:.1f}s")
+    _print_access(home, url, say)
+
+
+def _print_access(home: Home, url: str, say) -> None:
+    say(f"Airflow UI: {url}/   user: {USER}   password: in {home.passwords}")
+    say(f"results DB: {server_env(home)['PRUNEFLOW_DB']}")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(home: Home, grace: float = 30, say=print) -> None:
+    """SIGTERM each component's process group (api-server first), wait, then SIGKILL what is left,
+    including any marked process that left its group (task processes)."""
+    pids = running(home)
+    for name in reversed(COMPONENTS):
+        if name in pids:
+            _signal_group(pids[name], signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and (any(_group_alive(p) for p in pids.values()) or marked_processes(home)):
+        time.sleep(0.2)
+    killed = []
+    for name, pid in pids.items():
+        if _group_alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+            killed.append(name)
+    strays = marked_processes(home)
+    for pid in strays:
+        _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (any(_group_alive(p) for p in pids.values()) or marked_processes(home)):
+        time.sleep(0.1)
+    for name in COMPONENTS:
+        home.pidfile(name).unlink(missing_ok=True)
+    if pids:
+        say(f"stopped {', '.join(f'{n} (pid {p})' for n, p in pids.items())}"
+            + (f"; killed after {grace:.0f}s: {', '.join(killed)}" if killed else "")
+            + (f"; killed {len(strays)} stray process(es)" if strays else ""))
+    elif strays:
+        say(f"killed {len(strays)} stray process(es) of {home.path}")
+    else:
+        say("nothing running")
+
+
+def status(home: Home, say=print) -> int:
+    if not home.cfg.is_file():
+        say(f"not initialized: {home.path} (run `pruneflow airflow up`)")
+        return 3
+    pids = running(home)
+    url = home.url()
+    for name in COMPONENTS:
+        say(f"{name:14s} {'running, pid ' + str(pids[name]) if name in pids else 'stopped'}")
+    report = health(url) if "api-server" in pids else None
+    if report is not None:
+        parts = [f"{k}={(report.get(k) or {}).get('status')}" for k in ("metadatabase", *HEALTH_KEYS)]
+        say(f"health: {' '.join(parts)}")
+    say(f"URL: {url}/   user: {USER}   password: in {home.passwords}")
+    say(f"home: {home.path}")
+    return 0 if len(pids) == len(COMPONENTS) and report is not None and not _healthy_since(report, None) else 1
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _cmd(args) -> int:
+    home = resolve_home(args.home)
+    try:
+        if args.airflow_command == "init":
+            init(home, port=args.port, host=args.host, force=args.force)
+        elif args.airflow_command == "up":
+            up(home, port=args.port, host=args.host, timeout=args.timeout)
+        elif args.airflow_command == "down":
+            stop(home, grace=args.grace)
+        else:
+            return status(home)
+    except AirflowCliError as exc:
+        print(f"pruneflow airflow: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_airflow_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("airflow", help="run the embedded Airflow of this machine (init, up, down, status)",
+                              description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="airflow_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", help="Airflow home (default: $PRUNEFLOW_AIRFLOW_HOME or <repo>/.airflow)")
+    for name, text in (("init", "render airflow.cfg once, migrate the metadata DB, create pools and the admin password"),
+                       ("up", "init if needed, start scheduler, dag-processor, triggerer and api-server, wait until healthy"),
+                       ("down", "stop every server process started by `up`"),
+                       ("status", "which servers are running, their health, the URL")):
+        s = sub.add_parser(name, help=text, description=text, parents=[common])
+        if name in ("init", "up"):
+            s.add_argument("--port", type=int, help=f"API server port at first init (default {DEFAULT_PORT})")
+            s.add_argument("--host", default=DEFAULT_HOST, help="API server host at first init (default 127.0.0.1)")
+        if name == "init":
+            s.add_argument("--force", action="store_true", help="re-render airflow.cfg (new secrets) over an existing one")
+        if name == "up":
+            s.add_argument("--timeout", type=float, default=180, help="seconds to wait for health (default 180)")
+        if name == "down":
+            s.add_argument("--grace", type=float, default=30, help="seconds between SIGTERM and SIGKILL (default 30)")
+        s.set_defaults(func=_cmd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pruneflow")
+    add_airflow_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["airflow", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
