@@ -35,3 +35,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
+
+# The embedded Airflow (scheduler, dag-processor, triggerer, api-server) in .airflow/; results stay in out/.
+.PHONY: up down status
+up: $(STAMP)
+	$(PY) -m pruneflow.cli airflow up
+
+down: $(STAMP)
+	$(PY) -m pruneflow.cli airflow down
+
+status: $(STAMP)
+	$(PY) -m pruneflow.cli airflow status

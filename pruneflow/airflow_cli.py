@@ -245,15 +245,44 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
 
 # ------------------------------------------------------------------------------------------ processes
 
-def _cmdline(pid: int) -> list[str]:
+@dataclass(frozen=True, order=True)
+class Proc:
+    """A process, identified by pid AND start time (so a reused pid is never mistaken for it)."""
+
+    pid: int
+    start: int  # clock ticks after boot, field 22 of /proc/<pid>/stat
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return []
-    return [p.decode(errors="replace") for p in raw.split(b"\0") if p]
+        return None
+    return raw.rsplit(")", 1)[1].split()
+
+
+def _proc(pid: int) -> Proc | None:
+    st = _stat(pid)
+    if st is None or st[0] in ("Z", "X"):
+        return None
+    return Proc(pid, int(st[19]))
+
+
+def _alive(p: Proc) -> bool:
+    return _proc(p.pid) == p
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _environ_marker(pid: int) -> str | None:
+    """MARKER's value in a process's initial environment. Processes that set their title (the
+    api-server, LocalExecutor workers, serve-logs) overwrite that memory, so this finds only the others."""
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
@@ -265,54 +294,51 @@ def _environ_marker(pid: int) -> str | None:
     return None
 
 
-def _is_zombie(pid: int) -> bool:
+def _all_pids() -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+
+
+def _read_pid(home: Home, name: str) -> Proc | None:
+    """The recorded process of a component, if it is still the very process `up` started."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_zombie(pid)
-
-
-def _read_pid(home: Home, name: str) -> int | None:
-    """The recorded pid of a component, if that process is still the one we started."""
-    try:
-        pid = int(home.pidfile(name).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        pid, start = (int(x) for x in home.pidfile(name).read_text().split()[:2])
+    except (OSError, ValueError):
         return None
-    if not _alive(pid):
+    p = Proc(pid, start)
+    st = _stat(pid)
+    # Same start time (no pid reuse), still leading its own process group, still airflow.
+    if not _alive(p) or st is None or int(st[2]) != pid or "airflow" not in _cmdline(pid):
         return None
-    # Guard against pid reuse: it must still be our marked airflow process.
-    if _environ_marker(pid) != str(home.path) or "airflow" not in " ".join(_cmdline(pid)):
-        return None
-    return pid
+    return p
 
 
 def running(home: Home) -> dict[str, int]:
-    return {name: pid for name in COMPONENTS if (pid := _read_pid(home, name)) is not None}
+    """Component name -> pid of each running server of this home."""
+    return {name: p.pid for name in COMPONENTS if (p := _read_pid(home, name)) is not None}
 
 
-def marked_processes(home: Home) -> list[int]:
-    """Every live process started for this home, or forked from one (task processes included)."""
+def server_processes(home: Home) -> list[Proc]:
+    """Every live process of this home's servers: the components, everything in their process groups,
+    all their descendants (task processes included), and any process still carrying the home's marker."""
+    roots = {p.pid for name in COMPONENTS if (p := _read_pid(home, name)) is not None}
+    table = {}
+    for pid in _all_pids():
+        st = _stat(pid)
+        if st is not None and st[0] not in ("Z", "X"):
+            table[pid] = (int(st[1]), int(st[2]), int(st[19]))  # ppid, pgrp, start
+    found = {pid for pid, (_, pgrp, _) in table.items() if pid in roots or pgrp in roots}
+    changed = True
+    while changed:
+        kids = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
+        changed = bool(kids)
+        found |= kids
     me = os.getpid()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != me and _environ_marker(int(entry.name)) == str(home.path):
-            if _alive(int(entry.name)):
-                pids.append(int(entry.name))
-    return sorted(pids)
+    found |= {pid for pid in table if pid != me and _environ_marker(pid) == str(home.path)}
+    found.discard(me)
+    return sorted(Proc(pid, table[pid][2]) for pid in found)
 
 
-def _start(home: Home, name: str) -> int:
+def _start(home: Home, name: str) -> Proc:
     env = server_env(home)
     env[MARKER] = str(home.path)
     args = [airflow_executable(), name]
@@ -324,8 +350,9 @@ def _start(home: Home, name: str) -> int:
                                 cwd=str(home.path), start_new_session=True, close_fds=True)
     finally:
         log.close()
-    home.pidfile(name).write_text(f"{proc.pid}\n")
-    return proc.pid
+    p = _proc(proc.pid)
+    home.pidfile(name).write_text(f"{proc.pid} {p.start if p else 0}\n")
+    return Proc(proc.pid, p.start if p else 0)
 
 
 def health(url: str, timeout: float = 3.0) -> dict | None:
@@ -383,13 +410,13 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
     started = {}
     for name in missing:
         started[name] = _start(home, name)
-    say(f"started {', '.join(f'{n} (pid {p})' for n, p in started.items())}; logs in {home.logs}/")
+    say(f"started {', '.join(f'{n} (pid {p.pid})' for n, p in started.items())}; logs in {home.logs}/")
     # A component restarted now must heartbeat after `since`; one already running just needs to be healthy.
     need_fresh = since if set(missing) & {"scheduler", "dag-processor", "triggerer"} else None
     bad: list[str] = []
     while time.monotonic() - t0 < timeout:
-        for name, pid in started.items():
-            if not _alive(pid):
+        for name, proc in started.items():
+            if not _alive(proc):
                 stop(home, say=lambda *_: None)
                 raise AirflowCliError(f"{name} exited during start-up; last lines of {home.logfile(name)}:\n"
                                       + _log_tail(home, name))
@@ -410,59 +437,49 @@ def _print_access(home: Home, url: str, say) -> None:
     say(f"results DB: {server_env(home)['PRUNEFLOW_DB']}")
 
 
-def _group_alive(pgid: int) -> bool:
+def _signal(p: Proc, sig: int, group: bool = False) -> None:
+    if not _alive(p):
+        return
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
+        if group:
+            os.killpg(p.pid, sig)
+        else:
+            os.kill(p.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _wait_gone(procs: list[Proc], seconds: float) -> list[Proc]:
+    deadline = time.monotonic() + seconds
+    left = [p for p in procs if _alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in left if _alive(p)]
+    return left
 
 
 def stop(home: Home, grace: float = 30, say=print) -> None:
-    """SIGTERM each component's process group (api-server first), wait, then SIGKILL what is left,
-    including any marked process that left its group (task processes)."""
-    pids = running(home)
+    """SIGTERM each component's process group (api-server first) and let Airflow shut down cleanly;
+    after `grace` seconds SIGKILL whatever is left of them, task processes included."""
+    comps = {name: p for name in COMPONENTS if (p := _read_pid(home, name)) is not None}
+    procs = server_processes(home)
     for name in reversed(COMPONENTS):
-        if name in pids:
-            _signal_group(pids[name], signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and (any(_group_alive(p) for p in pids.values()) or marked_processes(home)):
-        time.sleep(0.2)
-    killed = []
-    for name, pid in pids.items():
-        if _group_alive(pid):
-            _signal_group(pid, signal.SIGKILL)
-            killed.append(name)
-    strays = marked_processes(home)
-    for pid in strays:
-        _signal(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (any(_group_alive(p) for p in pids.values()) or marked_processes(home)):
-        time.sleep(0.1)
+        if name in comps:
+            _signal(comps[name], signal.SIGTERM, group=True)
+    left = _wait_gone(procs, grace)
+    # Anything started during the shutdown (a task process forked at the last moment) counts too.
+    left = sorted(set(left) | set(server_processes(home)))
+    for p in left:
+        _signal(p, signal.SIGKILL, group=p in comps.values())
+        _signal(p, signal.SIGKILL)
+    stuck = _wait_gone(left, 10)
     for name in COMPONENTS:
         home.pidfile(name).unlink(missing_ok=True)
-    if pids:
-        say(f"stopped {', '.join(f'{n} (pid {p})' for n, p in pids.items())}"
-            + (f"; killed after {grace:.0f}s: {', '.join(killed)}" if killed else "")
-            + (f"; killed {len(strays)} stray process(es)" if strays else ""))
-    elif strays:
-        say(f"killed {len(strays)} stray process(es) of {home.path}")
+    if stuck:
+        raise AirflowCliError(f"could not stop pid(s) {', '.join(str(p.pid) for p in stuck)}")
+    if comps or procs:
+        say(f"stopped {', '.join(f'{n} (pid {p.pid})' for n, p in comps.items()) or 'stray processes'}"
+            f" ({len(procs)} process(es))" + (f"; SIGKILLed {len(left)} after {grace:.0f}s" if left else ""))
     else:
         say("nothing running")
 

@@ -108,6 +108,19 @@ class ExportSpec(_Strict):
     compress_to_fp16: bool = Field(False, description="store IR weights as fp16 (storage only)")
 
 
+class EarlyStopping(_Strict):
+    rule: Literal["median", "none"] = "median"
+    n_startup_trials: int = Field(3, ge=1, description="finished fine-tuned trials of the study before the rule applies")
+    n_warmup_steps: int = Field(1, ge=0, description="epochs before the rule applies")
+
+
+class SweepLink(_Strict):
+    """Set on trials a sweep asked for: which search trial this is, and how to stop it early."""
+
+    optuna_trial_number: int = Field(..., ge=0)
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+
+
 class TrialSpec(_Strict):
     name: str = "trial"
     trial_id: str | None = Field(None, description="stable id; generated when missing")
@@ -119,6 +132,7 @@ class TrialSpec(_Strict):
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     benchmark: BenchmarkOptions = Field(default_factory=BenchmarkOptions)
+    sweep: SweepLink | None = None
     seed: int = Field(0, ge=0)
     artifacts: str = Field("out/trials", description="artifact root: each trial gets a folder under it")
     db: str = Field("sqlite:///out/pruneflow.db", description="results database SQLAlchemy URL")

@@ -213,6 +213,11 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
     ft = spec.finetune
     history: list[dict] = []
     reason = None
+    if extra_rule is None and spec.sweep and spec.study and spec.sweep.early_stopping.rule == "median":
+        from pruneflow.early_stop import median_rule
+
+        es = spec.sweep.early_stopping
+        extra_rule = median_rule(spec.db, spec.study, spec.trial_id, es.n_startup_trials, es.n_warmup_steps)
     if ft.epochs > 0:
         chance = chance_rule(data.num_classes, ft.chance_patience, ft.chance_margin)
 

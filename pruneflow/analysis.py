@@ -1,0 +1,168 @@
+"""What a study found: its trials as rows, the best ones for an objective, the Pareto front,
+correlations and binned means. Pure functions over results-DB rows (no plotting here)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def study_rows(db_url: str, study: str) -> list[dict]:
+    """The study's trials, oldest first, each with `targets` {group: target sparsity} and `dense`."""
+    from pruneflow.store import ResultsStore
+
+    store = ResultsStore(db_url)
+    try:
+        rows = store.list_trials(study=study)
+        for r in rows:
+            sp = r.get("sparsities_json") or {}
+            spec_groups = ((r.get("spec_json") or {}).get("pruning") or {}).get("groups") or []
+            targets = {g["name"]: float(g["sparsity"]) for g in spec_groups}
+            targets.update({k: float(v["target"]) for k, v in sp.items()})
+            r["targets"] = targets
+            r["dense"] = not any(v > 0 for v in targets.values())
+            r["epochs"] = store.epochs(r["trial_id"])
+    finally:
+        store.close()
+    return rows
+
+
+def measured(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "succeeded" and r.get("latency_median_ms") is not None
+            and r.get("top1_final") is not None]
+
+
+def dense_row(rows: list[dict]) -> dict | None:
+    return next((r for r in measured(rows) if r["dense"]), None)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Non-dominated trials for (lower latency, higher Top-1), by latency."""
+    pts = sorted(measured(rows), key=lambda r: (r["latency_median_ms"], -r["top1_final"]))
+    front, best_top1 = [], -math.inf
+    for r in pts:
+        if r["top1_final"] > best_top1:
+            front.append(r)
+            best_top1 = r["top1_final"]
+    return front
+
+
+def feasible(sweep, rows: list[dict]) -> list[dict]:
+    from pruneflow.sweep import budget_ms
+
+    ok = measured(rows)
+    if sweep.objective == "top1_under_latency":
+        dense = dense_row(rows)
+        budget = budget_ms(sweep, dense["latency_median_ms"] if dense else None)
+        return [] if budget is None else [r for r in ok if r["latency_median_ms"] <= budget]
+    if sweep.objective == "latency_over_top1":
+        return [r for r in ok if r["top1_final"] >= sweep.top1_floor]
+    return ok
+
+
+def best_rows(sweep, rows: list[dict]) -> list[dict]:
+    """The best trial(s) for the sweep's objective; never an infeasible one (empty if none is feasible)."""
+    ok = feasible(sweep, rows)
+    if not ok:
+        return []
+    if sweep.objective == "pareto":
+        return pareto_front(ok)
+    if sweep.objective in ("latency", "latency_over_top1"):
+        return [min(ok, key=lambda r: (r["latency_median_ms"], -r["top1_final"]))]
+    return [max(ok, key=lambda r: (r["top1_final"], -r["latency_median_ms"]))]
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    pairs = [(a, b) for a, b in zip(x, y, strict=True) if a is not None and b is not None]
+    if len(pairs) < 3:
+        return None
+    a, b = np.array(pairs, dtype=float).T
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def correlations(rows: list[dict], groups: list[str]) -> list[dict]:
+    """Pearson r of each group's target sparsity with latency and Top-1 before/after fine-tuning."""
+    ok = measured(rows)
+    out = []
+    for g in groups:
+        s = [r["targets"].get(g, 0.0) for r in ok]
+        out.append({
+            "group": g, "n": len(ok),
+            "latency": _pearson(s, [r["latency_median_ms"] for r in ok]),
+            "top1_before": _pearson(s, [r.get("top1_masked") for r in ok]),
+            "top1_after": _pearson(s, [r.get("top1_final") for r in ok]),
+        })
+    return out
+
+
+def binned_latency(rows: list[dict], group: str, width: float = 0.02) -> list[tuple[float, float, int]]:
+    """(bin centre, mean latency, count) of measured trials by the group's target sparsity."""
+    bins: dict[int, list[float]] = {}
+    for r in measured(rows):
+        k = int(math.floor(r["targets"].get(group, 0.0) / width + 1e-9))
+        bins.setdefault(k, []).append(r["latency_median_ms"])
+    return [((k + 0.5) * width, float(np.mean(v)), len(v)) for k, v in sorted(bins.items())]
+
+
+def best_so_far(sweep, rows: list[dict]) -> list[tuple[int, float | None]]:
+    """Per trial (in order), the best objective value among feasible trials so far (pareto: hypervolume)."""
+    out, seen = [], []
+    for i, r in enumerate(rows, 1):
+        seen.append(r)
+        if sweep.objective == "pareto":
+            out.append((i, hypervolume(seen, reference(rows))))
+            continue
+        best = best_rows(sweep, seen)
+        if not best:
+            out.append((i, None))
+        elif sweep.objective in ("latency", "latency_over_top1"):
+            out.append((i, best[0]["latency_median_ms"]))
+        else:
+            out.append((i, best[0]["top1_final"]))
+    return out
+
+
+def trials_to_best(series: list[tuple[int, float | None]]) -> int | None:
+    vals = [v for _, v in series if v is not None]
+    if not vals:
+        return None
+    final = series[-1][1]
+    return next(i for i, v in series if v is not None and math.isclose(v, final, rel_tol=1e-12, abs_tol=1e-12))
+
+
+def reference(rows: list[dict]) -> tuple[float, float]:
+    """Hypervolume reference point: the slowest latency seen (x 1.1) and 0 % Top-1."""
+    lat = [r["latency_median_ms"] for r in measured(rows)]
+    return (1.1 * max(lat) if lat else 1.0, 0.0)
+
+
+def hypervolume(rows: list[dict], ref: tuple[float, float]) -> float:
+    """Area dominated by the front in (latency to minimise, Top-1 to maximise) up to `ref`."""
+    front = [r for r in pareto_front(rows) if r["latency_median_ms"] < ref[0] and r["top1_final"] > ref[1]]
+    area, prev_top1 = 0.0, ref[1]
+    for r in sorted(front, key=lambda r: -r["latency_median_ms"]):  # slowest first, Top-1 increasing
+        if r["top1_final"] > prev_top1:
+            area += (ref[0] - r["latency_median_ms"]) * (r["top1_final"] - prev_top1)
+            prev_top1 = r["top1_final"]
+    return area
+
+
+def compute_saved(rows: list[dict]) -> dict:
+    """Fine-tuning epochs not spent on trials stopped early, and their estimated seconds."""
+    epoch_secs = [e["seconds"] for r in rows for e in r["epochs"] if e.get("seconds")]
+    mean_epoch = float(np.mean(epoch_secs)) if epoch_secs else 0.0
+    saved_epochs = 0
+    stopped = 0
+    for r in rows:
+        if r["status"] != "abandoned":
+            continue
+        requested = ((r.get("spec_json") or {}).get("finetune") or {}).get("epochs", 0)
+        run = r.get("epochs_run") or 0
+        if requested > run:
+            stopped += 1
+            saved_epochs += requested - run
+    return {"stopped_trials": stopped, "epochs_saved": saved_epochs, "seconds_saved": saved_epochs * mean_epoch,
+            "mean_epoch_seconds": mean_epoch}

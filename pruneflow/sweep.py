@@ -1,0 +1,340 @@
+"""Sweeps: search per-group sparsities with Optuna's ask/tell, one round of trials at a time.
+
+The search state lives in the results DB through Optuna's RDB storage, so a study resumes where
+it stopped and any process (an Airflow task, the CLI) can ask or tell. A round asks `parallel`
+trials, runs them (in-process here, or as `prune_trial` DAG runs), then tells the search what the
+results DB recorded: succeeded trials their objective values, abandoned ones PRUNED, failed or
+missing ones FAIL — a failure never stops the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pruneflow.spec import (
+    _NAME_RE,
+    MAX_SPARSITY,
+    EarlyStopping,
+    TrialSpec,
+    format_validation_error,
+    parse_spec,
+)
+
+Objective = Literal["latency", "top1", "top1_under_latency", "latency_over_top1", "pareto"]
+OBJECTIVES = ("latency", "top1", "top1_under_latency", "latency_over_top1", "pareto")
+SAMPLERS = ("tpe", "random", "grid", "nsga2")
+Progress = Callable[[str], None]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SparsityRange(_Strict):
+    name: str
+    patterns: list[str] = Field(..., min_length=1)
+    low: float = Field(0.0, ge=0.0, le=MAX_SPARSITY)
+    high: float = Field(..., ge=0.0, le=MAX_SPARSITY)
+    step: float | None = Field(None, gt=0, le=MAX_SPARSITY)
+
+    @model_validator(mode="after")
+    def _order(self) -> SparsityRange:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        return self
+
+    def grid(self) -> list[float]:
+        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+        return [round(self.low + i * self.step, 6) for i in range(n + 1)]
+
+
+class LatencyBudget(_Strict):
+    value: float = Field(..., gt=0)
+    unit: Literal["ms", "fraction"] = Field(..., description="ms, or a fraction of the dense model's latency")
+
+
+class SweepSpec(_Strict):
+    study: str
+    base: dict[str, Any] = Field(default_factory=dict, description="trial spec every trial starts from")
+    space: list[SparsityRange] = Field(..., min_length=1)
+    objective: Objective = "pareto"
+    latency_budget: LatencyBudget | None = None
+    top1_floor: float | None = Field(None, ge=0, le=100)
+    sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
+    n_trials: int = Field(24, ge=1, le=100_000, description="trials to run in this invocation")
+    parallel: int = Field(2, ge=1, le=64, description="trials per round, run at once")
+    seed: int = 0
+    include_dense: bool = Field(True, description="measure the dense model first (reference and Pareto mark)")
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+
+    @field_validator("study")
+    @classmethod
+    def _study(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-100 characters of letters, digits, '_', '.', '-', '@', '='")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        names = [r.name for r in self.space]
+        if len(set(names)) != len(names):
+            raise ValueError(f"space: duplicate group names {names}")
+        if self.objective == "top1_under_latency" and self.latency_budget is None:
+            raise ValueError("latency_budget: required for objective top1_under_latency ({value, unit: ms|fraction})")
+        if self.objective == "latency_over_top1" and self.top1_floor is None:
+            raise ValueError("top1_floor: required for objective latency_over_top1 (Top-1 in percent)")
+        if self.latency_budget and self.latency_budget.unit == "fraction" and not self.include_dense:
+            raise ValueError("latency_budget: unit 'fraction' needs include_dense: true (the dense latency)")
+        if self.sampler == "grid":
+            missing = [r.name for r in self.space if r.step is None]
+            if missing:
+                raise ValueError(f"space: sampler grid needs a step on every range (missing on {missing})")
+        return self
+
+    def trial_spec(self) -> TrialSpec:
+        """The base trial spec, validated; the space decides its pruning groups."""
+        return TrialSpec.model_validate({**self.base, "pruning": {**self.base.get("pruning", {}), "groups": []}})
+
+    @property
+    def directions(self) -> list[str]:
+        return {"latency": ["minimize"], "top1": ["maximize"], "top1_under_latency": ["maximize"],
+                "latency_over_top1": ["minimize"], "pareto": ["minimize", "maximize"]}[self.objective]
+
+
+class SweepError(ValueError):
+    pass
+
+
+def parse_sweep(data: dict[str, Any]) -> SweepSpec:
+    if not isinstance(data, dict):
+        raise SweepError(f"sweep: expected a mapping, got {type(data).__name__}")
+    try:
+        sweep = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SweepError(format_validation_error(exc).replace("invalid trial spec", "invalid sweep")) from None
+    try:
+        sweep.trial_spec()
+    except ValidationError as exc:
+        raise SweepError(format_validation_error(exc, prefix="base.").replace("invalid trial spec", "invalid sweep")) from None
+    return sweep
+
+
+def load_sweep(path) -> SweepSpec:
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file not found: {path}")
+    return parse_sweep(yaml.safe_load(path.read_text()) or {})
+
+
+# ---------------------------------------------------------------- the Optuna side
+
+
+def _sampler(sweep: SweepSpec):
+    import optuna
+
+    constraints = _constraints_func if sweep.objective in ("top1_under_latency", "latency_over_top1") else None
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    if sweep.sampler == "grid":
+        return optuna.samplers.GridSampler({r.name: r.grid() for r in sweep.space}, seed=sweep.seed)
+    if sweep.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=sweep.seed, constraints_func=constraints,
+                                             population_size=max(4, 2 * sweep.parallel))
+    return optuna.samplers.TPESampler(seed=sweep.seed, multivariate=True, constraints_func=constraints,
+                                      n_startup_trials=max(4, min(10, sweep.n_trials // 3)))
+
+
+def _constraints_func(trial) -> list[float]:
+    return [float(trial.user_attrs.get("constraint", 1.0))]
+
+
+def storage_url(sweep: SweepSpec) -> str:
+    return sweep.trial_spec().db
+
+
+def open_study(sweep: SweepSpec):
+    """Create the study, or load it to continue; the sweep spec is kept in the study."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from pruneflow.store import ResultsStore
+
+    ResultsStore(storage_url(sweep)).close()  # creates a SQLite file's folder and our tables
+    study = optuna.create_study(storage=storage_url(sweep), study_name=sweep.study, load_if_exists=True,
+                                directions=sweep.directions, sampler=_sampler(sweep))
+    have = [d.name.lower() for d in study.directions]
+    if have != sweep.directions:
+        raise SweepError(f"study {sweep.study!r} exists with directions {have}; objective {sweep.objective!r} "
+                         f"needs {sweep.directions}: use another study name")
+    study.set_user_attr("sweep_spec", sweep.model_dump(mode="json"))
+    return study
+
+
+def _distributions(sweep: SweepSpec) -> dict:
+    import optuna
+
+    return {r.name: optuna.distributions.FloatDistribution(r.low, r.high, step=r.step) for r in sweep.space}
+
+
+def trial_id_for(sweep: SweepSpec, number: int) -> str:
+    return f"{sweep.study}-{number:04d}"
+
+
+def ask_round(sweep: SweepSpec, k: int) -> list[dict]:
+    """Ask the search for k trials; returns their trial specs as dicts (JSON-able)."""
+    study = open_study(sweep)
+    if sweep.include_dense and not any(t.user_attrs.get("dense") for t in study.trials):
+        study.enqueue_trial({r.name: 0.0 for r in sweep.space}, user_attrs={"dense": True})
+    specs = []
+    for _ in range(k):
+        trial = study.ask(_distributions(sweep))
+        base = sweep.trial_spec().model_dump(mode="json")
+        groups = [{"name": r.name, "patterns": list(r.patterns), "sparsity": float(trial.params[r.name])}
+                  for r in sweep.space if trial.params[r.name] > 0]
+        base["pruning"]["groups"] = groups
+        tid = trial_id_for(sweep, trial.number)
+        base.update({"name": sweep.study, "trial_id": tid, "study": sweep.study,
+                     "sweep": {"optuna_trial_number": trial.number,
+                               "early_stopping": sweep.early_stopping.model_dump()}})
+        trial.set_user_attr("trial_id", tid)
+        specs.append(base)
+    return specs
+
+
+def _dense_latency(study) -> float | None:
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("dense") and "latency_ms" in t.user_attrs:
+            return float(t.user_attrs["latency_ms"])
+    return None
+
+
+def budget_ms(sweep: SweepSpec, dense_latency: float | None) -> float | None:
+    b = sweep.latency_budget
+    if b is None:
+        return None
+    if b.unit == "ms":
+        return b.value
+    return None if dense_latency is None else b.value * dense_latency
+
+
+def objective_values(sweep: SweepSpec, latency: float, top1: float) -> list[float]:
+    return {"latency": [latency], "top1": [top1], "top1_under_latency": [top1], "latency_over_top1": [latency],
+            "pareto": [latency, top1]}[sweep.objective]
+
+
+def constraint(sweep: SweepSpec, latency: float, top1: float, budget: float | None) -> float | None:
+    """<= 0 when feasible (Optuna's convention), None for unconstrained objectives."""
+    if sweep.objective == "top1_under_latency":
+        return latency - budget if budget is not None else math.inf
+    if sweep.objective == "latency_over_top1":
+        return sweep.top1_floor - top1
+    return None
+
+
+def tell_round(sweep: SweepSpec, specs: list[dict], progress: Progress | None = None) -> list[dict]:
+    """Tell the search what the results DB recorded for these trials. Dense first (budget reference)."""
+    from optuna.trial import TrialState
+
+    from pruneflow.store import ResultsStore
+
+    study = open_study(sweep)
+    store = ResultsStore(storage_url(sweep))
+    told = []
+    try:
+        ordered = sorted(specs, key=lambda s: 0 if not s["pruning"]["groups"] else 1)
+        for spec in ordered:
+            number = spec["sweep"]["optuna_trial_number"]
+            frozen = study.get_trials(deepcopy=False)[number]
+            if frozen.state.is_finished():
+                told.append({"trial_id": spec["trial_id"], "state": frozen.state.name, "already": True})
+                continue
+            row = store.get_trial(spec["trial_id"]) or {}
+            status = row.get("status")
+            latency, top1 = row.get("latency_median_ms"), row.get("top1_final")
+            if status == "succeeded" and latency is not None and top1 is not None:
+                trial = _trial_handle(study, number)
+                trial.set_user_attr("latency_ms", latency)
+                trial.set_user_attr("top1", top1)
+                c = constraint(sweep, latency, top1, budget_ms(sweep, _dense_latency(study)))
+                if c is not None:
+                    trial.set_user_attr("constraint", c)
+                study.tell(number, objective_values(sweep, latency, top1))
+                state = "COMPLETE"
+            elif status == "abandoned":
+                study.tell(number, state=TrialState.PRUNED)
+                state = "PRUNED"
+            else:
+                _trial_handle(study, number).set_user_attr("reason", row.get("reason") or "no result recorded")
+                study.tell(number, state=TrialState.FAIL)
+                state = "FAIL"
+            told.append({"trial_id": spec["trial_id"], "state": state, "status": status,
+                         "latency_ms": latency, "top1": top1, "reason": row.get("reason")})
+            if progress:
+                progress(f"tell {spec['trial_id']}: {state}"
+                         + (f" latency {latency:.3f} ms, Top-1 {top1:.2f}%" if state == "COMPLETE" else
+                            f" ({row.get('reason') or status})"))
+    finally:
+        store.close()
+    return told
+
+
+def _trial_handle(study, number: int):
+    import optuna
+
+    trial_id = study.get_trials(deepcopy=False)[number]._trial_id
+    return optuna.trial.Trial(study, trial_id)
+
+
+def remaining(sweep: SweepSpec, started: int) -> int:
+    return max(0, sweep.n_trials - started)
+
+
+def run_sweep(sweep: SweepSpec, progress: Progress = lambda _m: None,
+              runner: Callable[[dict], None] | None = None) -> dict:
+    """Run the sweep in rounds in this process (the CLI, tests); the Airflow DAG drives the same
+    ask_round/tell_round with prune_trial DAG runs instead."""
+    from pruneflow.stages import TrialFailed, run_trial
+
+    def run_in_process(spec: dict) -> None:
+        try:
+            run_trial(parse_spec(spec), progress)
+        except TrialFailed as exc:
+            progress(f"trial {spec['trial_id']} failed: {exc}")
+
+    runner = runner or run_in_process
+    started = 0
+    rounds = 0
+    while remaining(sweep, started):
+        k = min(sweep.parallel, remaining(sweep, started))
+        specs = ask_round(sweep, k)
+        rounds += 1
+        progress(f"round {rounds}: {', '.join(s['trial_id'] for s in specs)}")
+        for spec in specs:
+            runner(spec)
+        tell_round(sweep, specs, progress)
+        started += k
+    return summarize(sweep)
+
+
+def summarize(sweep: SweepSpec) -> dict:
+    from pruneflow.analysis import best_rows, study_rows
+
+    rows = study_rows(storage_url(sweep), sweep.study)
+    return {"study": sweep.study, "objective": sweep.objective, "trials": len(rows),
+            "by_status": {s: sum(r["status"] == s for r in rows) for s in ("succeeded", "failed", "abandoned")},
+            "best": [r["trial_id"] for r in best_rows(sweep, rows)]}
+
+
+def sweep_json(sweep: SweepSpec) -> str:
+    return json.dumps(sweep.model_dump(mode="json"), sort_keys=True)
