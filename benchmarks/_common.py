@@ -37,6 +37,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_isa() -> str:
+    """The vector extensions that matter for convolution kernels (OpenVINO picks kernels by them)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return ",".join(f for f in wanted if f in flags) or "no avx2"
+
+
 def nproc() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -59,7 +70,7 @@ def machine_header(title: str, argv: Sequence[str] | None = None) -> str:
         f"# {title}",
         f"command:  {cmd}",
         f"date:     {datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"machine:  nproc {nproc()}, {cpu_model()}, {platform.machine()}, Linux {platform.release()}",
+        f"machine:  nproc {nproc()}, {cpu_model()} ({cpu_isa()}), {platform.machine()}, Linux {platform.release()}",
         f"software: python {platform.python_version()}, torch {v('torch')}, torch-pruning {v('torch-pruning')}, "
         f"openvino {v('openvino')}, onnxruntime {v('onnxruntime')}",
         f"load avg: {load_avg()} (1/5/15 min) at start",

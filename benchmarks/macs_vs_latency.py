@@ -116,6 +116,8 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
         row["round_medians"] = m["round_medians_ms"]
         row["cv"] = m["round_median_cv"]
         row["speedup"] = cmp["ratios"][m["label"]]["speedup_paired"]
+        per_round = [a / b for a, b in zip(models[0]["round_medians_ms"], row["round_medians"], strict=True)]
+        row["ratio_cv"] = statistics.pstdev(per_round) / statistics.fmean(per_round)
         row["mac_ratio"] = dense["macs"] / row["macs"]
         row["eff"] = row["speedup"] / row["mac_ratio"]
     first = models[0]
@@ -130,19 +132,21 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
         "",
     ]
     headers = ["config", "round_to", "kept l1/l2/l3", "MMACs", "MAC ratio", "params", "median ms",
-               "speed-up", "CV %", "speed-up / MAC ratio", "model"]
+               "speed-up", "CV %", "ratio CV %", "speed-up / MAC ratio", "model"]
     body = []
     for row in rows:
         body.append([row["name"], str(row["round_to"] or "none"), row["kept"], f"{row['macs'] / 1e6:.2f}",
                      f"{row['mac_ratio']:.2f}", f"{row['params']:,}", f"{row['median_ms']:.3f}",
                      f"{row['speedup']:.2f}x", f"{100 * row['cv']:.1f}" + ("!" if row["cv"] > 0.05 else ""),
-                     f"{row['eff']:.2f}", f"m{row['model']:02d}"])
+                     "-" if row is dense else f"{100 * row['ratio_cv']:.1f}", f"{row['eff']:.2f}",
+                     f"m{row['model']:02d}"])
     lines.append(table(headers, body, align_left=3))
     lines.append("")
     lines.append("speed-up = median over rounds of dense round median / config round median (paired); "
                  "MAC ratio = dense MACs / config MACs;")
     lines.append("speed-up / MAC ratio < 1: the MAC count promises more than the latency delivers. "
-                 "CV % = CV of the per-round medians (! = above 5%).")
+                 "CV % = CV of the model's per-round medians (! = above 5%);")
+    lines.append("ratio CV % = CV of the per-round ratios dense/config (drift common to both cancels in it).")
     lines.append("model: configurations with identical layer widths share one exported model (mNN), "
                  "so their numbers are identical by construction.")
 
@@ -177,6 +181,29 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
         lines += ["", "SIMD-friendly widths faster at similar or higher MACs:"] + [f"- {n}" for n in notes]
     else:
         lines += ["", "no configuration where round_to 8/16 was >2% faster than none at similar or higher MACs"]
+
+    # Distinct models with similar MACs (within 6%): does the one with SIMD-friendly widths run faster?
+    uniq: dict[int, dict] = {}
+    for row in rows[:-1]:
+        uniq.setdefault(row["model"], row)
+    pairs = []
+    items = sorted(uniq.values(), key=lambda r: r["macs"])
+    for i, a in enumerate(items):
+        for b in items[i + 1:]:
+            if b["macs"] / a["macs"] > 1.06:
+                break
+            ratio = statistics.median(x / y for x, y in zip(b["round_medians"], a["round_medians"], strict=True))
+            pairs.append([f"m{a['model']:02d} {a['kept']}", f"m{b['model']:02d} {b['kept']}",
+                          f"{b['macs'] / a['macs']:.3f}", f"{ratio:.3f}",
+                          "B faster despite more MACs" if ratio < 0.98 else "A faster" if ratio > 1.02 else "~equal"])
+    lines += ["", f"### {model_name}: distinct models with similar MACs (B within 6% above A), paired", ""]
+    if pairs:
+        lines.append(table(["A (fewer MACs)", "B", "MACs B/A", "latency B/A", "result"], pairs, align_left=2))
+        lines.append("")
+        lines.append("latency B/A = median over rounds of B's round median / A's (+-2% = ~equal): at equal MACs, "
+                     "where the channels are removed and how the widths fit the vector units decide.")
+    else:
+        lines.append("no two distinct models within 6% of each other's MACs")
     return "\n".join(lines), notes
 
 

@@ -142,12 +142,9 @@ def reference(rows: list[dict]) -> tuple[float, float]:
 def hypervolume(rows: list[dict], ref: tuple[float, float]) -> float:
     """Area dominated by the front in (latency to minimise, Top-1 to maximise) up to `ref`."""
     front = [r for r in pareto_front(rows) if r["latency_median_ms"] < ref[0] and r["top1_final"] > ref[1]]
-    area, prev_top1 = 0.0, ref[1]
-    for r in sorted(front, key=lambda r: -r["latency_median_ms"]):  # slowest first, Top-1 increasing
-        if r["top1_final"] > prev_top1:
-            area += (ref[0] - r["latency_median_ms"]) * (r["top1_final"] - prev_top1)
-            prev_top1 = r["top1_final"]
-    return area
+    # the front is sorted by latency with Top-1 rising: each point owns the strip up to the next one's latency
+    lats = [r["latency_median_ms"] for r in front] + [ref[0]]
+    return sum((lats[i + 1] - lats[i]) * (r["top1_final"] - ref[1]) for i, r in enumerate(front))
 
 
 def compute_saved(rows: list[dict]) -> dict:

@@ -180,6 +180,34 @@ def cmd_trials(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pruneflow.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep)
+    if args.n_trials:
+        sweep = sweep.model_copy(update={"n_trials": args.n_trials})
+    summary = run_sweep(sweep, _Progress())
+    print(json.dumps(summary, indent=2) if args.json else
+          f"study {summary['study']}: {summary['trials']} trials {summary['by_status']}; best {summary['best']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pruneflow.report import write_report
+
+    out = args.out or f"out/reports/{args.study}"
+    summary = write_report(args.db, args.study, out)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"report: {summary['report']}")
+    print(f"trials: {summary['trials']} {summary['by_status']}")
+    for b in summary["best"]:
+        targets = ", ".join(f"{k} {v:.2f}" for k, v in sorted(b["targets"].items())) or "dense"
+        print(f"best: {b['trial_id']}  latency {b['latency_median_ms']:.3f} ms  Top-1 {b['top1_final']:.2f}%  ({targets})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pruneflow", description="Find the fastest accurate pruned version of a CNN.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -229,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--iterations", type=int)
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_bench)
+
+    w = sub.add_parser("sweep", help="run a sweep in-process (Airflow runs it as the prune_sweep DAG)")
+    w.add_argument("sweep", help="sweep spec YAML")
+    w.add_argument("--n-trials", type=int, help="trials to run now (overrides the spec)")
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser("report", help="write a study's HTML report, PNG plots and CSV")
+    rp.add_argument("study")
+    rp.add_argument("--db", default=DEFAULT_DB, help="results DB URL (holds the study's search state too)")
+    rp.add_argument("--out", help="output folder (default out/reports/STUDY)")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_report)
 
     r = sub.add_parser("trials", help="list recorded trials")
     r.add_argument("--db", default=DEFAULT_DB)

@@ -139,22 +139,34 @@ def load_sweep(path) -> SweepSpec:
 
 
 def _sampler(sweep: SweepSpec):
+    """Constraints reach TPE and NSGA-II through Trial.set_constraint (Optuna 5)."""
     import optuna
 
-    constraints = _constraints_func if sweep.objective in ("top1_under_latency", "latency_over_top1") else None
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=sweep.seed)
     if sweep.sampler == "grid":
-        return optuna.samplers.GridSampler({r.name: r.grid() for r in sweep.space}, seed=sweep.seed)
+        return _BudgetedGridSampler({r.name: r.grid() for r in sweep.space}, seed=sweep.seed)
     if sweep.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=sweep.seed, constraints_func=constraints,
-                                             population_size=max(4, 2 * sweep.parallel))
-    return optuna.samplers.TPESampler(seed=sweep.seed, multivariate=True, constraints_func=constraints,
+        return optuna.samplers.NSGAIISampler(seed=sweep.seed, population_size=max(4, 2 * sweep.parallel))
+    return optuna.samplers.TPESampler(seed=sweep.seed, multivariate=True,
                                       n_startup_trials=max(4, min(10, sweep.n_trials // 3)))
 
 
-def _constraints_func(trial) -> list[float]:
-    return [float(trial.user_attrs.get("constraint", 1.0))]
+def _grid_sampler_class():
+    import optuna
+
+    class BudgetedGridSampler(optuna.samplers.GridSampler):
+        """A grid sampler that does not call study.stop() when the grid is done: in ask/tell the
+        sweep's trial budget ends the sweep (and stop() outside optimize() raises)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return BudgetedGridSampler
+
+
+def _BudgetedGridSampler(*args, **kwargs):  # noqa: N802 - a class built lazily (optuna is imported late)
+    return _grid_sampler_class()(*args, **kwargs)
 
 
 def storage_url(sweep: SweepSpec) -> str:
@@ -269,6 +281,7 @@ def tell_round(sweep: SweepSpec, specs: list[dict], progress: Progress | None = 
                 c = constraint(sweep, latency, top1, budget_ms(sweep, _dense_latency(study)))
                 if c is not None:
                     trial.set_user_attr("constraint", c)
+                    trial.set_constraint(sweep.objective, c)
                 study.tell(number, objective_values(sweep, latency, top1))
                 state = "COMPLETE"
             elif status == "abandoned":

@@ -13,7 +13,8 @@ are imported inside ``execute`` only: DAG files importing this module stay cheap
 Failures: every operator here has :func:`record_failure` as an ``on_failure_callback``. Airflow 3 runs
 it in the task process once the task has *finally* failed (not before a retry; also for an
 ``execution_timeout``), and it marks the trial ``failed`` in the results DB with the stage and the
-reason (``pruneflow.stages.mark_failed``).
+reason (``pruneflow.stages.record`` with status ``failed``, keeping what the earlier stages measured,
+or ``pruneflow.stages.mark_failed``).
 """
 
 from __future__ import annotations
@@ -73,8 +74,6 @@ def record_failure(context: Context) -> None:
 
     The spec is the one the failed task resolved; when it never got one (the conf itself is invalid),
     the trial id and DB come from the conf / run id / configuration as best as they can."""
-    from pruneflow.stages import mark_failed
-
     ti = context.get("ti")
     task = context.get("task")
     exc = context.get("exception")
@@ -87,7 +86,7 @@ def record_failure(context: Context) -> None:
             spec = task.resolve_spec(context)
     try:
         if spec is not None:
-            mark_failed(spec, stage, reason)
+            _mark_failed(spec, stage, reason, log)
             _write_error(spec, stage, reason, exc)
             trial_id, db = spec.trial_id, spec.db
         else:
@@ -98,6 +97,22 @@ def record_failure(context: Context) -> None:
         return
     if log:
         log.info("pruneflow: trial %s marked failed in %s (%s: %s)", trial_id, db, stage, reason)
+
+
+def _mark_failed(spec: TrialSpec, stage: str, reason: str, log: Any) -> None:
+    """Record the trial as failed with everything the earlier stages measured (plan, masked Top-1, sizes):
+    ``stages.record`` with an explicit status; ``stages.mark_failed`` (status and reason only) when the
+    trial folder is not there."""
+    from pruneflow import stages
+
+    if spec.trial_dir().is_dir():
+        try:
+            stages.record(spec, status="failed", reason=f"{stage}: {reason}")
+            return
+        except Exception:
+            if log:
+                log.exception("pruneflow: could not record the failed trial's results; recording its status only")
+    stages.mark_failed(spec, stage, reason)
 
 
 def _record_failure_without_spec(context: Context, task: Any, stage: str, reason: str) -> tuple[str, str]:

@@ -1,0 +1,174 @@
+"""End to end with real servers on loopback: `pruneflow airflow up` in a tmp home, a rapid trial
+triggered by REST and one by the `airflow` CLI, both run to success by the scheduler and recorded in the
+results DB; auth and Param validation of the REST API; `down` leaves no process; a second `up` reuses
+the home and keeps every trial.
+
+The tests of this module run in order and share one set of servers (tests/airflow_servers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+
+import httpx
+import pytest
+from airflow_servers import DAG_ID, AirflowServers, airflow_servers, port_open  # noqa: F401
+
+from pruneflow import airflow_cli
+from pruneflow.store import ResultsStore
+
+pytestmark = pytest.mark.slow
+
+# A rapid trial as small as the DAG's Params allow: a 16x16 ResNet-20 baseline trained for 2 epochs
+# (the first trial trains it, the second reuses it), no fine-tuning, 2 rounds x 20 timed calls.
+RAPID = {"image_size": 16, "baseline_epochs": 2, "epochs": 0, "warmup": 5, "rounds": 2, "iterations": 20}
+TRIAL_TIMEOUT = 300
+
+
+def _trial_failure(servers: AirflowServers, client: httpx.Client, run_id: str, run: dict) -> str:
+    states = servers.task_states(client, run_id)
+    logs = []
+    for task_id, state in states.items():
+        if state == "failed":
+            r = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1",
+                           headers={"Accept": "text/plain"})
+            logs.append(f"--- {task_id}\n{r.text[-4000:]}")
+    return f"run {run_id} ended {run.get('state')}: {states}\n" + "\n".join(logs)
+
+
+def test_up_is_healthy_idempotent_and_keeps_its_password(airflow_servers: AirflowServers):  # noqa: F811
+    s = airflow_servers
+    print(f"pruneflow airflow up: {s.up_seconds:.1f}s\n{s.up_output}")
+    # The health endpoint needs no token and reports every component.
+    health = httpx.get(f"{s.url}/api/v2/monitor/health", timeout=30).json()
+    assert {k: v["status"] for k, v in health.items()} == {
+        "metadatabase": "healthy", "scheduler": "healthy", "dag_processor": "healthy", "triggerer": "healthy"}
+
+    # The password is generated at first init, printed once, and kept owner-only.
+    assert stat.S_IMODE(s.passwords_file.stat().st_mode) == 0o600
+    assert f"password: {s.password}" in s.up_output
+    assert stat.S_IMODE((s.home / "airflow.cfg").stat().st_mode) == 0o600
+
+    pids = s.running()
+    assert set(pids) == set(airflow_cli.COMPONENTS)
+    again = s.pruneflow("up", "--port", str(s.port))
+    assert again.returncode == 0, again.stderr
+    assert "already running" in again.stdout and s.password not in again.stdout
+    assert s.running() == pids, "a second `up` must not start duplicates"
+
+    init = s.pruneflow("init")
+    assert init.returncode == 0, init.stderr
+    assert s.password not in init.stdout and str(s.passwords_file) in init.stdout
+
+    status = s.pruneflow("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"{s.url}/" in status.stdout and "stopped" not in status.stdout
+
+    # The rendered config is what the servers run with.
+    got = s.airflow("config", "get-value", "api", "base_url")
+    assert got.stdout.strip() == s.url, got.stderr
+    pool = s.airflow("pools", "get", "benchmark_cpu", "-o", "json")
+    assert pool.returncode == 0, pool.stderr
+    assert json.loads(pool.stdout)[0]["slots"] in (1, "1")
+
+
+def test_rest_needs_a_token(airflow_servers: AirflowServers):  # noqa: F811
+    s = airflow_servers
+    assert httpx.get(f"{s.url}/api/v2/dags", timeout=60).status_code == 401
+    # An invalid token is refused too (Airflow 3.3 answers 403 to a token it cannot decode).
+    assert httpx.get(f"{s.url}/api/v2/dags", timeout=60,
+                     headers={"Authorization": "Bearer not-a-token"}).status_code in (401, 403)
+    bad = httpx.post(f"{s.url}/auth/token", json={"username": "admin", "password": "wrong"}, timeout=60)
+    assert bad.status_code == 401
+    with s.client() as client:
+        assert client.get("/api/v2/dags").status_code == 200
+
+
+def test_bad_conf_is_refused_and_names_the_field(airflow_servers: AirflowServers):  # noqa: F811
+    s = airflow_servers
+    with s.client() as client:
+        params = s.wait_for_dag(client)["params"]
+        assert {"sparsities", "criterion", "rounds", "iterations"} <= set(params)
+        r = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
+                        json={"logical_date": None, "conf": {"sparsities": {"layer3": 1.5}}})
+        assert r.status_code == 400, r.text
+        assert "sparsities" in r.text and "1.5" in r.text
+        r = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
+                        json={"logical_date": None, "conf": {"criterion": "largest"}})
+        assert r.status_code == 400, r.text
+        assert "criterion" in r.text
+
+
+def test_rest_trigger_runs_a_rapid_trial_to_success(airflow_servers: AirflowServers):  # noqa: F811
+    s = airflow_servers
+    with s.client() as client:
+        s.wait_for_dag(client)
+        r = client.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
+        assert r.status_code == 200 and r.json()["is_paused"] is False, r.text
+        conf = {**RAPID, "trial_id": "e2e-rest", "name": "e2e-rest", "sparsities": {"layer3": 0.5}}
+        t0 = time.monotonic()
+        r = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
+        assert r.status_code == 200, r.text
+        run_id = r.json()["dag_run_id"]
+        run = s.wait_for_run(client, run_id, timeout=TRIAL_TIMEOUT)
+        print(f"REST-triggered trial (baseline training included): {run.get('state')} in "
+              f"{time.monotonic() - t0:.1f}s")
+        assert run["state"] == "success", _trial_failure(s, client, run_id, run)
+        bench = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/benchmark").json()
+        assert bench["pool"] == "benchmark_cpu"
+
+    row = ResultsStore(s.results_db).get_trial("e2e-rest")
+    assert row is not None and row["status"] == "succeeded", row
+    assert row["latency_median_ms"] and row["latency_median_ms"] > 0
+    assert row["params_after"] < row["params_before"]
+    assert str(s.out / "trials") in (row["artifact_dir"] or "")
+
+
+def test_cli_trigger_runs_a_trial(airflow_servers: AirflowServers):  # noqa: F811
+    s = airflow_servers
+    conf = {**RAPID, "trial_id": "e2e-cli", "name": "e2e-cli", "criterion": "l2",
+            "sparsities": {"layer1": 0.25, "layer3": 0.75}}
+    t0 = time.monotonic()
+    proc = s.airflow("dags", "trigger", DAG_ID, "-c", json.dumps(conf), "-r", "e2e-cli-run", "-o", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with s.client() as client:
+        run = s.wait_for_run(client, "e2e-cli-run", timeout=TRIAL_TIMEOUT)
+        print(f"CLI-triggered trial (baseline reused): {run.get('state')} in {time.monotonic() - t0:.1f}s")
+        assert run["state"] == "success", _trial_failure(s, client, "e2e-cli-run", run)
+        assert run["conf"]["trial_id"] == "e2e-cli"
+    row = ResultsStore(s.results_db).get_trial("e2e-cli")
+    assert row is not None and row["status"] == "succeeded", row
+    assert row["latency_median_ms"] > 0
+
+
+def test_down_stops_everything_and_up_keeps_home_and_trials(airflow_servers: AirflowServers):  # noqa: F811
+    s = airflow_servers
+    before = s.processes()
+    assert len(before) >= len(airflow_cli.COMPONENTS)
+    cfg = (s.home / "airflow.cfg").read_text()
+    password = s.password
+
+    t0 = time.monotonic()
+    down = s.down()
+    print(f"pruneflow airflow down: {time.monotonic() - t0:.1f}s ({len(before)} processes)\n{down.stdout}")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert [p for p in before if airflow_cli._alive(p)] == []
+    assert s.processes() == []
+    assert not port_open(s.port)
+    assert not list((s.home / "run").glob("*.pid"))
+    status = s.pruneflow("status")
+    assert status.returncode != 0 and status.stdout.count("stopped") == len(airflow_cli.COMPONENTS)
+    assert "nothing running" in s.down().stdout
+
+    # A second `up` reuses the home: same config and secrets, same password, every trial and run kept.
+    s.up()
+    assert "password:" not in s.up_output.replace("password: in", "")
+    assert (s.home / "airflow.cfg").read_text() == cfg and s.password == password
+    trials = {t["trial_id"]: t["status"] for t in ResultsStore(s.results_db).list_trials()}
+    assert trials == {"e2e-rest": "succeeded", "e2e-cli": "succeeded"}
+    with s.client() as client:
+        runs = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns").json()
+        assert {"e2e-cli-run"} <= {r["dag_run_id"] for r in runs["dag_runs"]}
+        assert runs["total_entries"] == 2

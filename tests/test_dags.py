@@ -1,0 +1,256 @@
+"""The Airflow side: DAG files parse cleanly and light, prune_trial runs a rapid trial end to end with
+dag.test(), bad confs are refused with the field named, failures and re-runs are recorded correctly.
+
+Everything runs against a throw-away Airflow home (tests/airflow_env.py); airflow is imported only
+after it is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import airflow_env
+import pytest
+
+from pruneflow_airflow import conf as pf_conf
+
+TASKS = ["validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "benchmark", "record"]
+# a rapid trial on a tiny baseline: 16x16 digits, 1 epoch on 256 samples; short benchmark
+FAST = {"image_size": 16, "baseline_epochs": 1, "rounds": 2, "iterations": 20, "warmup": 5,
+        "spec_overrides": {"dataset": {"max_train_samples": 256}}}
+
+
+@pytest.fixture(scope="session")
+def af_env(tmp_path_factory):
+    return airflow_env.configure(tmp_path_factory.mktemp("af"))
+
+
+@pytest.fixture(scope="session")
+def dagbag(af_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(airflow_env.DAGS))
+
+
+@pytest.fixture(scope="session")
+def dag(dagbag):
+    return dagbag.dags["prune_trial"]
+
+
+def _store():
+    from pruneflow.store import ResultsStore
+
+    return ResultsStore(os.environ["PRUNEFLOW_DB"])
+
+
+def _test(dag, **kwargs):
+    """dag.test() on a freshly parsed DAG. In-process, a run's conf overwrites the defaults of the DAG's
+    own Param objects (the task's ParamsDict shares them, and updating it with the conf resolves them
+    in place), so a second dag.test() on the same object would inherit the first one's conf."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    fresh = DagBag(dag_folder=str(airflow_env.DAGS / "prune_trial.py")).dags[dag.dag_id]
+    return fresh.test(**kwargs)
+
+
+def _states(dr) -> dict[str, str]:
+    return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in dr.get_task_instances()}
+
+
+# ---------------------------------------------------------------- conf -> spec (no Airflow needed)
+
+def test_conf_defaults_are_the_embedded_default_rapid_trial(monkeypatch, tmp_path):
+    from pruneflow import spec as pf_spec
+
+    monkeypatch.setenv("PRUNEFLOW_ARTIFACTS", str(tmp_path / "a"))
+    monkeypatch.setenv("PRUNEFLOW_DB", "sqlite:///rel/results.db")
+    monkeypatch.setenv("PRUNEFLOW_BASELINES", str(tmp_path / "b"))
+    monkeypatch.setenv("PRUNEFLOW_HOME", str(tmp_path))
+    spec = pf_conf.spec_from_conf({}, "manual__2026-11-02T10:00:00.123456+00:00")
+    assert spec.trial_id == "manual__2026-11-02T10_00_00.123456_00_00"
+    assert (spec.model.name, spec.dataset.name, spec.dataset.image_size) == ("resnet20", "digits", 32)
+    assert [(g.name, g.patterns, g.sparsity) for g in spec.pruning.groups] == [
+        (f"layer{i}", [f"layer{i}.*.conv1"], 0.5) for i in (1, 2, 3)]
+    assert spec.finetune.epochs == 0
+    assert spec.artifacts == str(tmp_path / "a")
+    assert spec.db == f"sqlite:///{tmp_path}/rel/results.db"  # relative to the project home, not the cwd
+    assert spec.baseline.checkpoint == str(tmp_path / "b" / "resnet20-digits-32" / "baseline.pt")
+    assert pf_conf.CRITERIA == pf_spec.CRITERIA and pf_conf.MAX_SPARSITY == pf_spec.MAX_SPARSITY
+
+    s = pf_conf.spec_from_conf({"sparsities": {"layer3": 0.75}, "trial_id": "mine", "baseline": "/x/b.pt",
+                                "spec_overrides": {"finetune": {"batch_size": 32}}}, "ignored")
+    assert [g.sparsity for g in s.pruning.groups] == [0.5, 0.5, 0.75]
+    assert (s.trial_id, s.baseline.checkpoint, s.finetune.batch_size) == ("mine", "/x/b.pt", 32)
+
+
+def test_trial_id_from_run_id_is_stable_and_valid():
+    long = "scheduled__" + "x" * 200
+    for run_id in ("manual__2026-11-02T10:00:00+00:00", "__weird run/id:1", long, "+++"):
+        tid = pf_conf.trial_id_from_run_id(run_id)
+        assert tid == pf_conf.trial_id_from_run_id(run_id)
+        assert pf_conf._ID_RE.match(tid), tid
+    assert pf_conf.trial_id_from_run_id(long) != pf_conf.trial_id_from_run_id(long + "y")
+
+
+def test_spec_from_conf_names_the_conf_key():
+    from pruneflow.spec import SpecError
+
+    cases = [
+        ({"backend": "onnxruntime", "precision": "f16"}, "precision='f16' is not supported with backend='onnxruntime'"),
+        ({"sparsity": 0.5}, "sparsity: unknown conf key"),
+        ({"sparsities": {"layer9": 0.1}}, "sparsities.layer9: no group named 'layer9'"),
+        ({"groups": [{"name": "a", "patterns": ["x"], "sparsity": 1.5}]}, "groups.0.sparsity: Input should be less"),
+        ({"device": "cpu"}, "device: Value error, device 'cpu'"),
+        ({"spec_overrides": {"finetune": {"batch_size": 0}}}, "spec_overrides.finetune.batch_size"),
+    ]
+    for conf, expected in cases:
+        with pytest.raises(SpecError) as exc:
+            pf_conf.spec_from_conf(conf, "r")
+        assert expected in str(exc.value), (conf, str(exc.value))
+
+
+# ---------------------------------------------------------------- DAG files
+
+def test_dag_folder_imports_and_prune_trial_reads_like_the_pipeline(dagbag, dag):
+    assert dagbag.import_errors == {}
+    assert [t.task_id for t in dag.topological_sort()] == TASKS
+    for up, down in zip(TASKS, TASKS[1:], strict=False):
+        assert dag.task_dict[up].downstream_task_ids == {down}
+    assert dag.schedule is None and dag.catchup is False
+    assert {t.task_id: t.retries for t in dag.tasks} == {t: 2 if t in ("benchmark", "record") else 0 for t in TASKS}
+    assert all(t.execution_timeout for t in dag.tasks)
+    assert str(dag.task_dict["record"].trigger_rule) in ("none_failed", "TriggerRule.NONE_FAILED")
+    bench = dag.task_dict["benchmark"]
+    assert (bench.pool, bench.queue) == ("benchmark_cpu", "default")
+    # every user-facing field is a typed Param whose default is the configured default
+    params = dag.params
+    assert set(params.keys()) == set(pf_conf.DEFAULTS)
+    for key, default in pf_conf.DEFAULTS.items():
+        p = params.get_param(key)
+        assert p.value == default, key
+        assert p.schema.get("type") and p.description, key
+
+
+def test_dag_files_parse_without_torch_and_take_queue_and_pool_from_config(af_env):
+    code = (
+        "import sys, json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(airflow_env.DAGS)!r})\n"
+        "t = bag.dags['prune_trial'].task_dict['benchmark']\n"
+        "print(json.dumps({'errors': list(bag.import_errors), 'heavy': sorted(m for m in ('torch', 'openvino', "
+        "'onnxruntime', 'torch_pruning', 'pruneflow.spec', 'pruneflow.stages') if m in sys.modules), "
+        "'queue': t.queue, 'pool': t.pool}))\n"
+    )
+    env = {**os.environ, "AIRFLOW__PRUNEFLOW__BENCHMARK_QUEUE": "npu-host-1",
+           "AIRFLOW__PRUNEFLOW__BENCHMARK_POOL": "npu0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"errors": [], "heavy": [], "queue": "npu-host-1", "pool": "npu0"}
+
+
+# ---------------------------------------------------------------- bad confs are refused
+
+@pytest.mark.parametrize("conf, param", [
+    ({"groups": [{"name": "layer1", "patterns": ["layer1.*.conv1"], "sparsity": 1.5}]}, "groups"),
+    ({"sparsities": {"layer3": 1.5}}, "sparsities"),
+    ({"criterion": "foo"}, "criterion"),
+    ({"image_size": 4}, "image_size"),
+])
+def test_params_refuse_bad_values_at_trigger_time(dag, conf, param):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match=f"Invalid input for param {param}:"):
+        _test(dag, run_conf=conf)
+
+
+def test_spec_error_fails_fast_in_validate_with_the_field_named(dag):
+    # a combination no single Param can refuse: onnxruntime runs f32 only
+    dr = _test(dag, run_conf={**FAST, "trial_id": "bad-spec", "backend": "onnxruntime", "precision": "f16"})
+    states = _states(dr)
+    assert str(dr.state) in ("failed", "DagRunState.FAILED")
+    assert states["validate"] == "failed"
+    assert {states[t] for t in TASKS[1:]} == {"upstream_failed"}  # nothing trained
+    row = _store().get_trial("bad-spec")
+    assert row["status"] == "failed"
+    assert row["reason"].startswith("validate: invalid trial conf")
+    assert "precision='f16' is not supported with backend='onnxruntime'" in row["reason"]
+
+
+# ---------------------------------------------------------------- end to end
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def trial_run(dag):
+    """One rapid trial through prune_trial, on a baseline that ensure_baseline trains (tiny)."""
+    dr = _test(dag, run_conf=FAST, logical_date=T0, run_after=T0)
+    return dr, pf_conf.trial_id_from_run_id(dr.run_id)
+
+
+def test_rapid_trial_end_to_end_is_recorded(trial_run):
+    dr, trial_id = trial_run
+    assert _states(dr) == dict.fromkeys(TASKS, "success")
+    assert str(dr.state) in ("success", "DagRunState.SUCCESS")
+    baseline = os.path.join(os.environ["PRUNEFLOW_BASELINES"], "resnet20-digits-16", "baseline.pt")
+    assert os.path.isfile(baseline)  # trained and registered by ensure_baseline
+    row = _store().get_trial(trial_id)
+    assert row["status"] == "succeeded", row["reason"]
+    assert row["latency_median_ms"] > 0
+    assert row["top1_final"] is not None and row["top1_masked"] is not None
+    assert {g: s["achieved"] for g, s in row["sparsities_json"].items()} == {"layer1": 0.5, "layer2": 0.5, "layer3": 0.5}
+    assert row["params_after"] < row["params_before"]
+    assert row["spec_json"]["baseline"]["checkpoint"] == baseline
+    assert len(_store().benchmarks(trial_id)) == 1
+
+
+def test_rerunning_benchmark_and_record_does_not_duplicate(dag, trial_run):
+    dr, trial_id = trial_run
+    latency = os.path.join(os.environ["PRUNEFLOW_ARTIFACTS"], trial_id, "latency.json")
+    before = os.stat(latency).st_mtime_ns
+    # the same run again (same run id -> same trial); only validate, benchmark and record really run
+    dr2 = _test(dag, run_conf=FAST, logical_date=T0, run_after=T0,
+                   mark_success_pattern="ensure_baseline|prune|thinnify|retrain|export")
+    assert dr2.run_id == dr.run_id
+    assert _states(dr2) == dict.fromkeys(TASKS, "success")
+    assert os.stat(latency).st_mtime_ns > before  # benchmark measured again
+    store = _store()
+    assert [r["trial_id"] for r in store.list_trials() if r["trial_id"] == trial_id] == [trial_id]
+    assert len(store.benchmarks(trial_id)) == 1
+    assert store.get_trial(trial_id)["status"] == "succeeded"
+
+
+def test_failing_stage_fails_the_run_and_records_the_reason(dag, trial_run):
+    dr = _test(dag, run_conf={**FAST, "trial_id": "parity-fail", "parity_atol": 1e-12})
+    states = _states(dr)
+    assert str(dr.state) in ("failed", "DagRunState.FAILED")
+    assert [states[t] for t in TASKS] == ["success"] * 5 + ["failed", "upstream_failed", "upstream_failed"]
+    row = _store().get_trial("parity-fail")
+    assert row["status"] == "failed"
+    assert row["reason"].startswith("export: export parity failed")
+    assert row["top1_masked"] is not None  # what earlier stages measured is kept
+    error = json.loads((Path(os.environ["PRUNEFLOW_ARTIFACTS"]) / "parity-fail" / "error.json").read_text())
+    assert error["stage"] == "export"
+
+
+def test_abandoned_trial_skips_export_and_benchmark_and_is_recorded(af_env, tmp_path):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from pruneflow_airflow.operators import BenchmarkOperator, ExportOperator, RecordOperator
+
+    spec = pf_conf.spec_dict_from_conf({"trial_id": "gave-up", "artifacts": str(tmp_path)})
+    (tmp_path / "gave-up").mkdir()
+    (tmp_path / "gave-up" / "epochs.json").write_text(json.dumps(
+        {"abandoned": True, "reason": "val Top-1 at chance after 1 epoch(s)", "epochs": [], "epochs_run": 1}))
+    ctx = {"run_id": "r"}
+    for op in (ExportOperator, BenchmarkOperator):
+        with pytest.raises(AirflowSkipException, match="abandoned in retrain: val Top-1 at chance"):
+            op(task_id=op.__name__, spec=spec).execute(ctx)
+    summary = RecordOperator(task_id="record", spec=spec).execute(ctx)
+    assert summary["status"] == "abandoned"
+    assert _store().get_trial("gave-up")["status"] == "abandoned"
