@@ -96,10 +96,12 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
         rows.append({**rows[0], "name": "dense (A/A copy)", "model": len(paths) - 1})
         prep_s = time.perf_counter() - t0
         n = len(paths)
-        # rounds = number of models: the start rotates by one model per round, so every model runs once at
-        # every position within a round (no position bias from drift inside a round).
+        # rounds = a multiple of the number of models: the start rotates by one model per round, so every model
+        # runs equally often at every position within a round (no position bias from drift inside a round);
+        # short rounds keep the models of one round close in time, which is what the paired ratio relies on.
         opts = BenchmarkOptions(backend="openvino", device="CPU", precision="f32", threads=1, hint="latency",
-                                warmup=args.warmup, rounds=args.rounds or n, iterations=args.iterations)
+                                warmup=args.warmup, rounds=args.rounds or args.round_factor * n,
+                                iterations=args.iterations)
         progress(f"{model_name}: {len(configs)} configurations -> {n - 1} distinct models (+1 A/A copy), planned, "
                  f"thinned and exported in {prep_s:.0f} s; compare() {opts.rounds} rounds x {opts.iterations} "
                  f"(load {load_avg()})")
@@ -117,7 +119,9 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
         row["cv"] = m["round_median_cv"]
         row["speedup"] = cmp["ratios"][m["label"]]["speedup_paired"]
         per_round = [a / b for a, b in zip(models[0]["round_medians_ms"], row["round_medians"], strict=True)]
-        row["ratio_cv"] = statistics.pstdev(per_round) / statistics.fmean(per_round)
+        q1, _q2, q3 = statistics.quantiles(per_round, n=4)
+        row["ratio_spread"] = (q3 - q1) / 2 / statistics.median(per_round)
+        row["speedup_min"] = models[0]["latency_ms"]["min"] / m["latency_ms"]["min"]
         row["mac_ratio"] = dense["macs"] / row["macs"]
         row["eff"] = row["speedup"] / row["mac_ratio"]
     first = models[0]
@@ -132,13 +136,14 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
         "",
     ]
     headers = ["config", "round_to", "kept l1/l2/l3", "MMACs", "MAC ratio", "params", "median ms",
-               "speed-up", "CV %", "ratio CV %", "speed-up / MAC ratio", "model"]
+               "speed-up", "CV %", "ratio IQR/2 %", "speed-up (min)", "speed-up / MAC ratio", "model"]
     body = []
     for row in rows:
         body.append([row["name"], str(row["round_to"] or "none"), row["kept"], f"{row['macs'] / 1e6:.2f}",
                      f"{row['mac_ratio']:.2f}", f"{row['params']:,}", f"{row['median_ms']:.3f}",
                      f"{row['speedup']:.2f}x", f"{100 * row['cv']:.1f}" + ("!" if row["cv"] > 0.05 else ""),
-                     "-" if row is dense else f"{100 * row['ratio_cv']:.1f}", f"{row['eff']:.2f}",
+                     "-" if row is dense else f"{100 * row['ratio_spread']:.1f}", f"{row['speedup_min']:.2f}x",
+                     f"{row['eff']:.2f}",
                      f"m{row['model']:02d}"])
     lines.append(table(headers, body, align_left=3))
     lines.append("")
@@ -146,7 +151,10 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
                  "MAC ratio = dense MACs / config MACs;")
     lines.append("speed-up / MAC ratio < 1: the MAC count promises more than the latency delivers. "
                  "CV % = CV of the model's per-round medians (! = above 5%);")
-    lines.append("ratio CV % = CV of the per-round ratios dense/config (drift common to both cancels in it).")
+    lines.append("ratio IQR/2 % = half the interquartile range of the per-round ratios dense/config, relative to "
+                 "their median (robust spread of the paired speed-up);")
+    lines.append("speed-up (min) = dense min latency / config min latency over all calls (a contention-robust "
+                 "cross-check: the fastest call of each model is the least disturbed one).")
     lines.append("model: configurations with identical layer widths share one exported model (mNN), "
                  "so their numbers are identical by construction.")
 
@@ -209,13 +217,14 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="20 iterations per round (a smoke run, not for numbers)")
+    ap.add_argument("--quick", action="store_true", help="1 x models rounds of 20 iterations (a smoke run)")
     ap.add_argument("--models", default="resnet20,resnet56")
-    ap.add_argument("--rounds", type=int, default=None, help="default: the number of models compared")
-    ap.add_argument("--iterations", type=int, default=None, help="timed calls per model per round (default 100)")
+    ap.add_argument("--rounds", type=int, default=None, help="default: 2 x the number of models compared (--quick 1 x)")
+    ap.add_argument("--iterations", type=int, default=None, help="timed calls per model per round (default 50)")
     ap.add_argument("--warmup", type=int, default=50)
     args = ap.parse_args(argv)
-    args.iterations = args.iterations or (20 if args.quick else 100)
+    args.iterations = args.iterations or (20 if args.quick else 50)
+    args.round_factor = 1 if args.quick else 2
     print(machine_header("pruneflow benchmark: MACs against measured latency of thinned CIFAR ResNets", argv),
           flush=True)
 

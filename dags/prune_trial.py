@@ -37,6 +37,7 @@ from pruneflow_airflow.operators import (
 )
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@=-]{0,99}$"
+OPTIONAL_ID_PATTERN = r"^$|^[A-Za-z0-9][A-Za-z0-9_.@=-]{0,99}$"  # "" (a cleared form field) = not set
 MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg11", "vgg16", "mobilenetv2",
           "smallcnn", "densenet_tiny", "resnext_tiny", "se_resnet_tiny", "mobilenet_tiny"]
 
@@ -66,9 +67,9 @@ PARAMS = {
                pattern=ID_PATTERN),
     "trial_id": _p("trial_id", ["null", "string"], "Trial id", TRIAL,
                    "Stable id of the trial; empty: derived from the DAG run id. Reusing an id re-records that "
-                   "trial.", pattern=ID_PATTERN),
+                   "trial.", pattern=OPTIONAL_ID_PATTERN),
     "study": _p("study", ["null", "string"], "Study", TRIAL, "Group of trials (a sweep) this trial belongs to.",
-                pattern=ID_PATTERN),
+                pattern=OPTIONAL_ID_PATTERN),
     "seed": _p("seed", "integer", "Seed", TRIAL, "Random seed of pruning and fine-tuning.", minimum=0),
     # --- model and data
     "model": _p("model", "string", "Model", DATA,

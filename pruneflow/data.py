@@ -21,11 +21,13 @@ import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the spec (and the benchmark worker) needs none
+    import torch
 
 __all__ = [
     "DataSplits",
@@ -213,6 +215,8 @@ def _limit_train(train_idx: np.ndarray, spec: DatasetSpec) -> np.ndarray:
 
 def _to_tensor(x: np.ndarray, scale: float, size: int, chunk: int = 4096) -> torch.Tensor:
     """uint8/float ``[N, C, H, W]`` numpy -> float32 tensor in [0, 1] resized to ``size`` x ``size``."""
+    import torch
+
     n, c, h, w = x.shape
     if (h, w) == (size, size):
         out = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
@@ -235,6 +239,8 @@ def _assemble(
     size: int,
 ) -> DataSplits:
     """Convert numpy splits to tensors and normalise every split with the train split's statistics."""
+    import torch
+
     tensors = {
         k: (_to_tensor(x, scale, size), torch.from_numpy(y.astype(np.int64))) for k, (x, y) in splits.items()
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -78,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
     # anything else of the TrialSpec, as a nested dict merged last (e.g. {"finetune": {"batch_size": 32}})
     "spec_overrides": {},
 }
+
+_OPTIONAL_STRINGS = ("trial_id", "study", "data_path", "baseline", "artifacts", "db")
 
 # spec field path -> conf key, to name the conf key a user typed in error messages
 _SPEC_TO_CONF: list[tuple[tuple[str, ...], str]] = [
@@ -147,17 +150,22 @@ def trial_id_from_run_id(run_id: str) -> str:
     return s
 
 
-def baseline_name(model: str, dataset: str, image_size: int | None) -> str:
-    """The default named baseline of a model/data set/size, e.g. ``resnet20-digits-32``."""
-    return trial_id_from_run_id(f"{model}-{dataset}-{image_size or 'native'}")
+def baseline_name(model: str, dataset: str, image_size: int | None, model_kwargs: dict | None = None) -> str:
+    """The default named baseline of a model/data set/size, e.g. ``resnet20-digits-32``
+    (model keyword arguments, which change the network, add a short hash: ``vgg11-digits-32-1a2b3c4d``)."""
+    name = f"{model}-{dataset}-{image_size or 'native'}"
+    if model_kwargs:
+        name += "-" + hashlib.sha1(json.dumps(model_kwargs, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return trial_id_from_run_id(name)
 
 
-def resolve_baseline(value: str | None, model: str, dataset: str, image_size: int | None) -> str:
+def resolve_baseline(value: str | None, model: str, dataset: str, image_size: int | None,
+                     model_kwargs: dict | None = None) -> str:
     """The baseline checkpoint path: a name -> ``<baselines>/<name>/baseline.pt``; a path stays a path.
 
     A value with a '/' or ending in '.pt' is a path; anything else is a name (None: the default name)."""
     if value is None or str(value).strip() == "":
-        value = baseline_name(model, dataset, image_size)
+        value = baseline_name(model, dataset, image_size, model_kwargs)
     value = str(value).strip()
     if "/" in value or value.endswith(".pt"):
         return _under_home(value)
@@ -198,6 +206,9 @@ def spec_dict_from_conf(conf: dict[str, Any] | None, run_id: str | None = None) 
     conf = dict(conf or {})
     errors = [f"{k}: unknown conf key (known: {', '.join(DEFAULTS)})" for k in conf if k not in DEFAULTS]
     c = {**copy.deepcopy(DEFAULTS), **{k: v for k, v in conf.items() if k in DEFAULTS}}
+    for key in _OPTIONAL_STRINGS:  # a cleared form field may come as "" rather than null
+        if isinstance(c[key], str) and not c[key].strip():
+            c[key] = None
     for key in ("model_kwargs", "sparsities", "spec_overrides"):
         if c[key] is None:
             c[key] = {}
@@ -226,7 +237,8 @@ def spec_dict_from_conf(conf: dict[str, Any] | None, run_id: str | None = None) 
 
     trial_id = c["trial_id"] or (trial_id_from_run_id(run_id) if run_id else None)
     try:
-        checkpoint = resolve_baseline(c["baseline"], str(c["model"]), str(c["dataset"]), c["image_size"])
+        checkpoint = resolve_baseline(c["baseline"], str(c["model"]), str(c["dataset"]), c["image_size"],
+                                      c["model_kwargs"])
     except ValueError as exc:
         errors.append(f"baseline: {exc}")
         checkpoint = str(c["baseline"])
@@ -239,7 +251,8 @@ def spec_dict_from_conf(conf: dict[str, Any] | None, run_id: str | None = None) 
         "study": c["study"],
         "seed": c["seed"],
         "model": {"name": c["model"], "kwargs": c["model_kwargs"]},
-        "dataset": {"name": c["dataset"], "path": c["data_path"], "image_size": c["image_size"]},
+        "dataset": {"name": c["dataset"], "path": _under_home(c["data_path"]) if c["data_path"] else None,
+                    "image_size": c["image_size"]},
         "baseline": {"checkpoint": checkpoint},
         "pruning": {"groups": groups, "criterion": c["criterion"], "round_to": c["round_to"],
                     "ignored_layers": c["ignored_layers"]},

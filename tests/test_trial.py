@@ -119,3 +119,24 @@ def test_onnxruntime_backend_and_distiller_schedule(spec_dict):
     removed = {e["layer"]: len(e["removed"]) for e in plan["layers"]}
     assert removed["layer1.0.conv1"] == 4 and removed["layer2.0.conv1"] == 16 and removed["layer3.0.conv1"] == 44
     assert json.loads((spec.trial_dir() / "latency.json").read_text())["backend"] == "onnxruntime"
+
+
+def test_benchmark_and_record_stages_run_without_torch(spec_dict):
+    """The benchmark worker has no torch: its stages must import and run without it."""
+    import subprocess
+    import sys
+
+    spec = parse_spec({**spec_dict, "trial_id": "notorch"})
+    run_trial(spec)
+    code = (
+        "import sys, json; sys.modules['torch'] = None\n"
+        "from pruneflow import stages\nfrom pruneflow.spec import parse_spec\n"
+        f"spec = parse_spec(json.loads({spec.model_dump_json()!r}))\n"
+        "out = stages.benchmark(spec); stages.record(spec)\n"
+        "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m] is not None)\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["latency_median_ms"] > 0
+    assert len(ResultsStore(spec.db).benchmarks("notorch")) == 1
