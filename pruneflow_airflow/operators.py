@@ -171,6 +171,7 @@ class ValidateTrialOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from pruneflow.spec import SpecError
 
+        self._trial_spec = self._conf_used = None  # what record_failure reads: never a previous run's
         conf = self.conf if self.conf is not None else dict(context["params"])
         if isinstance(conf, str):
             conf = json.loads(conf)
@@ -256,6 +257,7 @@ class TrialStageOperator(BaseOperator):
         self.log.info("%s", msg)
 
     def execute(self, context: Context) -> Any:
+        self._trial_spec = None  # what record_failure reads: never a previous run's
         spec = self.resolve_spec(context)
         self._trial_spec = spec
         from pruneflow.spec import SpecError

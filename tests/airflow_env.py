@@ -36,10 +36,17 @@ def env_for(base: Path) -> dict[str, str]:
     }
 
 
+#: variables a test module should restore when it is done (the AIRFLOW_* ones must stay: airflow is imported)
+RESTORE = ("PRUNEFLOW_ARTIFACTS", "PRUNEFLOW_DB", "PRUNEFLOW_BASELINES", "OMP_NUM_THREADS")
+
+
 def configure(base: Path) -> dict[str, str]:
-    """Set the environment for an Airflow home under ``base``, migrate its DB, create the benchmark pool."""
+    """Set the environment for an Airflow home under ``base``, migrate its DB, create the benchmark pool.
+
+    Later calls (from any module) set the environment of the first call again, without migrating."""
     global _configured
     if _configured is not None:
+        os.environ.update(_configured)
         return _configured
     if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != str(base / "airflow"):
         raise RuntimeError("airflow was imported before tests/airflow_env.configure(): its config is already read")

@@ -25,19 +25,25 @@ FAST = {"image_size": 16, "baseline_epochs": 1, "rounds": 2, "iterations": 20, "
         "spec_overrides": {"dataset": {"max_train_samples": 256}}}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def af_env(tmp_path_factory):
-    return airflow_env.configure(tmp_path_factory.mktemp("af"))
+    saved = {k: os.environ.get(k) for k in airflow_env.RESTORE}
+    yield airflow_env.configure(tmp_path_factory.mktemp("af"))
+    for k, v in saved.items():  # later test modules see their own PRUNEFLOW_* paths again
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dagbag(af_env):
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(airflow_env.DAGS))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dag(dagbag):
     return dagbag.dags["prune_trial"]
 
