@@ -29,9 +29,9 @@ def _db() -> str:
 
 
 def _reports_root() -> Path:
-    from pruneflow_airflow.conf import project_home
+    from pruneflow_airflow.sweep_conf import reports_root
 
-    return project_home() / "out" / "reports"
+    return reports_root()
 
 
 def _page(title: str, body: str) -> HTMLResponse:
