@@ -65,16 +65,24 @@ def machine_header(title: str, argv: Sequence[str] | None = None) -> str:
         except metadata.PackageNotFoundError:
             return "-"
 
-    cmd = " ".join([".venv/bin/python", os.path.relpath(sys.argv[0], REPO), *(argv if argv is not None else sys.argv[1:])])
-    return "\n".join([
-        f"# {title}",
-        f"command:  {cmd}",
-        f"date:     {datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"machine:  nproc {nproc()}, {cpu_model()} ({cpu_isa()}), {platform.machine()}, Linux {platform.release()}",
-        f"software: python {platform.python_version()}, torch {v('torch')}, torch-pruning {v('torch-pruning')}, "
-        f"openvino {v('openvino')}, onnxruntime {v('onnxruntime')}",
-        f"load avg: {load_avg()} (1/5/15 min) at start",
-    ])
+    cmd = " ".join(
+        [
+            ".venv/bin/python",
+            os.path.relpath(sys.argv[0], REPO),
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+    )
+    return "\n".join(
+        [
+            f"# {title}",
+            f"command:  {cmd}",
+            f"date:     {datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f"machine:  nproc {nproc()}, {cpu_model()} ({cpu_isa()}), {platform.machine()}, Linux {platform.release()}",
+            f"software: python {platform.python_version()}, torch {v('torch')}, torch-pruning {v('torch-pruning')}, "
+            f"openvino {v('openvino')}, onnxruntime {v('onnxruntime')}",
+            f"load avg: {load_avg()} (1/5/15 min) at start",
+        ]
+    )
 
 
 def ensure_baseline(epochs: int = 3, out_dir: Path | None = None, progress=print) -> Path:
@@ -100,7 +108,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align_left: 
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def line(vals: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) if i < align_left else v.rjust(w)
-                         for i, (v, w) in enumerate(zip(vals, widths, strict=True))).rstrip()
+        return "  ".join(
+            v.ljust(w) if i < align_left else v.rjust(w)
+            for i, (v, w) in enumerate(zip(vals, widths, strict=True))
+        ).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])

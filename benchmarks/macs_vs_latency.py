@@ -99,12 +99,21 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
         # rounds = a multiple of the number of models: the start rotates by one model per round, so every model
         # runs equally often at every position within a round (no position bias from drift inside a round);
         # short rounds keep the models of one round close in time, which is what the paired ratio relies on.
-        opts = BenchmarkOptions(backend="openvino", device="CPU", precision="f32", threads=1, hint="latency",
-                                warmup=args.warmup, rounds=args.rounds or args.round_factor * n,
-                                iterations=args.iterations)
-        progress(f"{model_name}: {len(configs)} configurations -> {n - 1} distinct models (+1 A/A copy), planned, "
-                 f"thinned and exported in {prep_s:.0f} s; compare() {opts.rounds} rounds x {opts.iterations} "
-                 f"(load {load_avg()})")
+        opts = BenchmarkOptions(
+            backend="openvino",
+            device="CPU",
+            precision="f32",
+            threads=1,
+            hint="latency",
+            warmup=args.warmup,
+            rounds=args.rounds or args.round_factor * n,
+            iterations=args.iterations,
+        )
+        progress(
+            f"{model_name}: {len(configs)} configurations -> {n - 1} distinct models (+1 A/A copy), planned, "
+            f"thinned and exported in {prep_s:.0f} s; compare() {opts.rounds} rounds x {opts.iterations} "
+            f"(load {load_avg()})"
+        )
         t0 = time.perf_counter()
         cmp = compare(paths, opts, labels=labels)
         cmp_s = time.perf_counter() - t0
@@ -135,28 +144,62 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
         f"prep {prep_s:.0f} s, compare {cmp_s:.0f} s",
         "",
     ]
-    headers = ["config", "round_to", "kept l1/l2/l3", "MMACs", "MAC ratio", "params", "median ms",
-               "speed-up", "CV %", "ratio IQR/2 %", "speed-up (min)", "speed-up / MAC ratio", "model"]
+    headers = [
+        "config",
+        "round_to",
+        "kept l1/l2/l3",
+        "MMACs",
+        "MAC ratio",
+        "params",
+        "median ms",
+        "speed-up",
+        "CV %",
+        "ratio IQR/2 %",
+        "speed-up (min)",
+        "speed-up / MAC ratio",
+        "model",
+    ]
     body = []
     for row in rows:
-        body.append([row["name"], str(row["round_to"] or "none"), row["kept"], f"{row['macs'] / 1e6:.2f}",
-                     f"{row['mac_ratio']:.2f}", f"{row['params']:,}", f"{row['median_ms']:.3f}",
-                     f"{row['speedup']:.2f}x", f"{100 * row['cv']:.1f}" + ("!" if row["cv"] > 0.05 else ""),
-                     "-" if row is dense else f"{100 * row['ratio_spread']:.1f}", f"{row['speedup_min']:.2f}x",
-                     f"{row['eff']:.2f}",
-                     f"m{row['model']:02d}"])
+        body.append(
+            [
+                row["name"],
+                str(row["round_to"] or "none"),
+                row["kept"],
+                f"{row['macs'] / 1e6:.2f}",
+                f"{row['mac_ratio']:.2f}",
+                f"{row['params']:,}",
+                f"{row['median_ms']:.3f}",
+                f"{row['speedup']:.2f}x",
+                f"{100 * row['cv']:.1f}" + ("!" if row["cv"] > 0.05 else ""),
+                "-" if row is dense else f"{100 * row['ratio_spread']:.1f}",
+                f"{row['speedup_min']:.2f}x",
+                f"{row['eff']:.2f}",
+                f"m{row['model']:02d}",
+            ]
+        )
     lines.append(table(headers, body, align_left=3))
     lines.append("")
-    lines.append("speed-up = median over rounds of dense round median / config round median (paired); "
-                 "MAC ratio = dense MACs / config MACs;")
-    lines.append("speed-up / MAC ratio < 1: the MAC count promises more than the latency delivers. "
-                 "CV % = CV of the model's per-round medians (! = above 5%);")
-    lines.append("ratio IQR/2 % = half the interquartile range of the per-round ratios dense/config, relative to "
-                 "their median (robust spread of the paired speed-up);")
-    lines.append("speed-up (min) = dense min latency / config min latency over all calls (a contention-robust "
-                 "cross-check: the fastest call of each model is the least disturbed one).")
-    lines.append("model: configurations with identical layer widths share one exported model (mNN), "
-                 "so their numbers are identical by construction.")
+    lines.append(
+        "speed-up = median over rounds of dense round median / config round median (paired); "
+        "MAC ratio = dense MACs / config MACs;"
+    )
+    lines.append(
+        "speed-up / MAC ratio < 1: the MAC count promises more than the latency delivers. "
+        "CV % = CV of the model's per-round medians (! = above 5%);"
+    )
+    lines.append(
+        "ratio IQR/2 % = half the interquartile range of the per-round ratios dense/config, relative to "
+        "their median (robust spread of the paired speed-up);"
+    )
+    lines.append(
+        "speed-up (min) = dense min latency / config min latency over all calls (a contention-robust "
+        "cross-check: the fastest call of each model is the least disturbed one)."
+    )
+    lines.append(
+        "model: configurations with identical layer widths share one exported model (mNN), "
+        "so their numbers are identical by construction."
+    )
 
     # round_to 8/16 against none, paired round by round (same configuration, both in the same rounds).
     lines += ["", f"### {model_name}: round_to 8/16 against none (paired over the same rounds)", ""]
@@ -169,26 +212,63 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
         ref = base[row["name"]]
         mac_rel = row["macs"] / ref["macs"]
         if row["model"] == ref["model"]:
-            rt_rows.append([row["name"], str(row["round_to"]), f"{ref['kept']} -> {row['kept']}", f"{mac_rel:.3f}",
-                            "-", "same model"])
+            rt_rows.append(
+                [
+                    row["name"],
+                    str(row["round_to"]),
+                    f"{ref['kept']} -> {row['kept']}",
+                    f"{mac_rel:.3f}",
+                    "-",
+                    "same model",
+                ]
+            )
             continue
-        ratio = statistics.median(a / b for a, b in zip(ref["round_medians"], row["round_medians"], strict=True))
+        ratio = statistics.median(
+            a / b for a, b in zip(ref["round_medians"], row["round_medians"], strict=True)
+        )
         verdict = "faster" if ratio > 1.02 else "slower" if ratio < 0.98 else "~equal"
-        rt_rows.append([row["name"], str(row["round_to"]), f"{ref['kept']} -> {row['kept']}", f"{mac_rel:.3f}",
-                        f"{ratio:.3f}", verdict])
+        rt_rows.append(
+            [
+                row["name"],
+                str(row["round_to"]),
+                f"{ref['kept']} -> {row['kept']}",
+                f"{mac_rel:.3f}",
+                f"{ratio:.3f}",
+                verdict,
+            ]
+        )
         if ratio > 1.02 and mac_rel >= 0.98:
-            notes.append(f"{row['name']} round_to {row['round_to']}: {ratio:.2f}x faster than round_to none "
-                         f"with {mac_rel:.2f}x its MACs (kept {ref['kept']} -> {row['kept']})")
-    lines.append(table(["config", "round_to", "kept (none -> rounded)", "MACs rounded/none",
-                        "speed-up over none", "verdict"], rt_rows, align_left=3))
+            notes.append(
+                f"{row['name']} round_to {row['round_to']}: {ratio:.2f}x faster than round_to none "
+                f"with {mac_rel:.2f}x its MACs (kept {ref['kept']} -> {row['kept']})"
+            )
+    lines.append(
+        table(
+            [
+                "config",
+                "round_to",
+                "kept (none -> rounded)",
+                "MACs rounded/none",
+                "speed-up over none",
+                "verdict",
+            ],
+            rt_rows,
+            align_left=3,
+        )
+    )
     lines.append("")
     aa = rows[-1]
-    lines.append("speed-up over none = median over rounds of (none round median / rounded round median); "
-                 f"'faster'/'slower' = beyond +-2%. A/A noise floor of this run: dense copy {aa['speedup']:.3f}x.")
+    lines.append(
+        "speed-up over none = median over rounds of (none round median / rounded round median); "
+        f"'faster'/'slower' = beyond +-2%. A/A noise floor of this run: dense copy {aa['speedup']:.3f}x."
+    )
     if notes:
         lines += ["", "SIMD-friendly widths faster at similar or higher MACs:"] + [f"- {n}" for n in notes]
     else:
-        lines += ["", "no configuration where round_to 8/16 was >2% faster than none at similar or higher MACs"]
+        lines += [
+            "",
+            "no configuration where round_to 8/16 was >2% faster than none at similar or higher MACs",
+        ]
 
     # Distinct models with similar MACs (within 6%): does the one with SIMD-friendly widths run faster?
     uniq: dict[int, dict] = {}
@@ -197,19 +277,33 @@ def run_model(model_name: str, args, progress) -> tuple[str, list[str]]:
     pairs = []
     items = sorted(uniq.values(), key=lambda r: r["macs"])
     for i, a in enumerate(items):
-        for b in items[i + 1:]:
+        for b in items[i + 1 :]:
             if b["macs"] / a["macs"] > 1.06:
                 break
-            ratio = statistics.median(x / y for x, y in zip(b["round_medians"], a["round_medians"], strict=True))
-            pairs.append([f"m{a['model']:02d} {a['kept']}", f"m{b['model']:02d} {b['kept']}",
-                          f"{b['macs'] / a['macs']:.3f}", f"{ratio:.3f}",
-                          "B faster despite more MACs" if ratio < 0.98 else "A faster" if ratio > 1.02 else "~equal"])
+            ratio = statistics.median(
+                x / y for x, y in zip(b["round_medians"], a["round_medians"], strict=True)
+            )
+            pairs.append(
+                [
+                    f"m{a['model']:02d} {a['kept']}",
+                    f"m{b['model']:02d} {b['kept']}",
+                    f"{b['macs'] / a['macs']:.3f}",
+                    f"{ratio:.3f}",
+                    "B faster despite more MACs"
+                    if ratio < 0.98
+                    else "A faster"
+                    if ratio > 1.02
+                    else "~equal",
+                ]
+            )
     lines += ["", f"### {model_name}: distinct models with similar MACs (B within 6% above A), paired", ""]
     if pairs:
         lines.append(table(["A (fewer MACs)", "B", "MACs B/A", "latency B/A", "result"], pairs, align_left=2))
         lines.append("")
-        lines.append("latency B/A = median over rounds of B's round median / A's (+-2% = ~equal): at equal MACs, "
-                     "where the channels are removed and how the widths fit the vector units decide.")
+        lines.append(
+            "latency B/A = median over rounds of B's round median / A's (+-2% = ~equal): at equal MACs, "
+            "where the channels are removed and how the widths fit the vector units decide."
+        )
     else:
         lines.append("no two distinct models within 6% of each other's MACs")
     return "\n".join(lines), notes
@@ -219,23 +313,32 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 x models rounds of 20 iterations (a smoke run)")
     ap.add_argument("--models", default="resnet20,resnet56")
-    ap.add_argument("--rounds", type=int, default=None, help="default: 2 x the number of models compared (--quick 1 x)")
-    ap.add_argument("--iterations", type=int, default=None, help="timed calls per model per round (default 50)")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="default: 2 x the number of models compared (--quick 1 x)"
+    )
+    ap.add_argument(
+        "--iterations", type=int, default=None, help="timed calls per model per round (default 50)"
+    )
     ap.add_argument("--warmup", type=int, default=50)
     args = ap.parse_args(argv)
     args.iterations = args.iterations or (20 if args.quick else 50)
     args.round_factor = 1 if args.quick else 2
-    print(machine_header("pruneflow benchmark: MACs against measured latency of thinned CIFAR ResNets", argv),
-          flush=True)
+    print(
+        machine_header("pruneflow benchmark: MACs against measured latency of thinned CIFAR ResNets", argv),
+        flush=True,
+    )
 
     import torch
 
     # One torch thread while planning/exporting: on a small shared machine the default (all cores) makes
     # batch-1 forwards very slow as soon as another process is busy. Does not affect the OpenVINO timing.
     torch.set_num_threads(1)
-    print(f"configs:  {len(configurations())} per model: dense, uniform {', '.join(f'{s:g}' for s in UNIFORM)} "
-          f"and each of {', '.join(STAGES)} alone at {ALONE:g} (inner conv `layerN.*.conv1`, l1), "
-          f"each with round_to none/8/16; input {INPUT}\n", flush=True)
+    print(
+        f"configs:  {len(configurations())} per model: dense, uniform {', '.join(f'{s:g}' for s in UNIFORM)} "
+        f"and each of {', '.join(STAGES)} alone at {ALONE:g} (inner conv `layerN.*.conv1`, l1), "
+        f"each with round_to none/8/16; input {INPUT}\n",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     outputs = []

@@ -96,8 +96,12 @@ class StageTimers:
             if path == ["gc"]:  # the runner's `gc` module: give it a proxy whose collect is timed
                 import gc
 
-                proxy = types.SimpleNamespace(collect=self._wrap(label, gc.collect), isenabled=gc.isenabled,
-                                              enable=gc.enable, disable=gc.disable)
+                proxy = types.SimpleNamespace(
+                    collect=self._wrap(label, gc.collect),
+                    isenabled=gc.isenabled,
+                    enable=gc.enable,
+                    disable=gc.disable,
+                )
                 self._undo.append((owner, "gc", owner.gc))
                 owner.gc = proxy
                 continue
@@ -122,35 +126,59 @@ class StageTimers:
         for label, _module, _attr in HOTSPOTS:
             per_stage = []
             for stage in STAGE_NAMES:
-                per_stage.append(statistics.median(
-                    self.trials[i].get((label, stage), [0.0, 0])[0] for i in trial_indices))
-            calls = statistics.median(sum(c for (lab, _), (_, c) in self.trials[i].items() if lab == label)
-                                      for i in trial_indices)
+                per_stage.append(
+                    statistics.median(self.trials[i].get((label, stage), [0.0, 0])[0] for i in trial_indices)
+                )
+            calls = statistics.median(
+                sum(c for (lab, _), (_, c) in self.trials[i].items() if lab == label) for i in trial_indices
+            )
             if not calls:
                 continue
-            rows.append([label, f"{calls:g}", *(f"{v:.2f}" if v >= 0.005 else "" for v in per_stage),
-                         f"{sum(per_stage):.2f}"])
+            rows.append(
+                [
+                    label,
+                    f"{calls:g}",
+                    *(f"{v:.2f}" if v >= 0.005 else "" for v in per_stage),
+                    f"{sum(per_stage):.2f}",
+                ]
+            )
         return rows
 
 
 # Wrappers skipped in the "top cumulative functions" list: they only forward to what is below them.
-_WRAPPERS = ("_wrapped_call_impl", "_call_impl", "decorate_context", "inner", "__enter__", "__exit__", "wrapper")
+_WRAPPERS = (
+    "_wrapped_call_impl",
+    "_call_impl",
+    "decorate_context",
+    "inner",
+    "__enter__",
+    "__exit__",
+    "wrapper",
+)
 
 
 def spec_dict(baseline: Path, root: Path, trial_id: str) -> dict:
     return {
-        "name": "bench-stages", "trial_id": trial_id,
-        "model": {"name": "resnet20"}, "dataset": {"name": "digits", "image_size": 32},
+        "name": "bench-stages",
+        "trial_id": trial_id,
+        "model": {"name": "resnet20"},
+        "dataset": {"name": "digits", "image_size": 32},
         "baseline": {"checkpoint": str(baseline)},
-        "pruning": {"criterion": "l1", "groups": [
-            {"name": f"layer{i}", "patterns": [f"layer{i}.*.conv1"], "sparsity": 0.5} for i in (1, 2, 3)]},
+        "pruning": {
+            "criterion": "l1",
+            "groups": [
+                {"name": f"layer{i}", "patterns": [f"layer{i}.*.conv1"], "sparsity": 0.5} for i in (1, 2, 3)
+            ],
+        },
         "finetune": {"epochs": 0},
-        "artifacts": str(root / "trials"), "db": f"sqlite:///{root / 'results.db'}",
+        "artifacts": str(root / "trials"),
+        "db": f"sqlite:///{root / 'results.db'}",
     }
 
 
-def run_stages(spec, profile: bool = False, timers: StageTimers | None = None
-               ) -> tuple[dict[str, float], dict[str, pstats.Stats]]:
+def run_stages(
+    spec, profile: bool = False, timers: StageTimers | None = None
+) -> tuple[dict[str, float], dict[str, pstats.Stats]]:
     from pruneflow import stages
 
     times: dict[str, float] = {}
@@ -226,9 +254,17 @@ def _cell(vals: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=None, help="timed warm trials per torch-threads setting (default 5; --quick: 2)")
-    ap.add_argument("--torch-threads", default="default,1",
-                    help="comma-separated torch intra-op thread settings, alternated trial by trial (default: default,1)")
+    ap.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="timed warm trials per torch-threads setting (default 5; --quick: 2)",
+    )
+    ap.add_argument(
+        "--torch-threads",
+        default="default,1",
+        help="comma-separated torch intra-op thread settings, alternated trial by trial (default: default,1)",
+    )
     ap.add_argument("--quick", action="store_true", help="2 trials per setting, imports timed once")
     ap.add_argument("--no-profile", action="store_true", help="skip the extra cProfile'd trial")
     ap.add_argument("--baseline-epochs", type=int, default=3)
@@ -244,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     import pruneflow.stages  # noqa: F401
     from pruneflow.bench import BenchmarkOptions
     from pruneflow.spec import parse_spec
+
     in_process_import = time.perf_counter() - t0
 
     default_threads = torch.get_num_threads()
@@ -259,12 +296,18 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     bo = BenchmarkOptions()
-    print(f"trial:    resnet20, digits 32x32, layer1/2/3 .*.conv1 at 0.5, criterion l1, 0 epochs, baseline {baseline}")
-    print(f"          benchmark stage: openvino CPU {bo.precision}, threads {bo.threads}, hint {bo.hint}, "
-          f"warmup {bo.warmup}, {bo.rounds} rounds x {bo.iterations} iterations")
-    print(f"trials:   1 cold + {n_trials} warm per setting in one process, settings alternated trial by trial: "
-          f"{', '.join(label for label, _ in settings)}{'' if args.no_profile else '; + 1 under cProfile'}\n",
-          flush=True)
+    print(
+        f"trial:    resnet20, digits 32x32, layer1/2/3 .*.conv1 at 0.5, criterion l1, 0 epochs, baseline {baseline}"
+    )
+    print(
+        f"          benchmark stage: openvino CPU {bo.precision}, threads {bo.threads}, hint {bo.hint}, "
+        f"warmup {bo.warmup}, {bo.rounds} rounds x {bo.iterations} iterations"
+    )
+    print(
+        f"trials:   1 cold + {n_trials} warm per setting in one process, settings alternated trial by trial: "
+        f"{', '.join(label for label, _ in settings)}{'' if args.no_profile else '; + 1 under cProfile'}\n",
+        flush=True,
+    )
 
     timers = StageTimers()
     trial_setting: list[str] = []
@@ -274,8 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = parse_spec(spec_dict(baseline, root, f"stages-{tag}"))
         times, _ = run_stages(spec, timers=timers)
         trial_setting.append(label)
-        print(f"trial {tag} (torch threads {threads}): " + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
-              + f" s  (load {load_avg()})", flush=True)
+        print(
+            f"trial {tag} (torch threads {threads}): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
+            + f" s  (load {load_avg()})",
+            flush=True,
+        )
         return times
 
     timers.install()
@@ -289,19 +336,31 @@ def main(argv: list[str] | None = None) -> int:
 
     first = settings[0][0]
     med_first = statistics.median(r["total"] for r in warm[first])
-    headers = ["stage", f"cold ({settings[0][1]} thr)", *(f"{label}: median (min-max)" for label, _ in settings),
-               f"share ({settings[0][1]} thr)"]
+    headers = [
+        "stage",
+        f"cold ({settings[0][1]} thr)",
+        *(f"{label}: median (min-max)" for label, _ in settings),
+        f"share ({settings[0][1]} thr)",
+    ]
     rows = []
     for name in (*STAGE_NAMES, "total"):
-        rows.append([name, f"{cold[name]:.2f}", *(_cell([r[name] for r in warm[label]]) for label, _ in settings),
-                     f"{100 * statistics.median(r[name] for r in warm[first]) / med_first:.0f}%"])
+        rows.append(
+            [
+                name,
+                f"{cold[name]:.2f}",
+                *(_cell([r[name] for r in warm[label]]) for label, _ in settings),
+                f"{100 * statistics.median(r[name] for r in warm[first]) / med_first:.0f}%",
+            ]
+        )
     print(f"\n## Stage wall time (seconds; warm = {n_trials} trials per setting, interleaved)\n")
     print(table(headers, rows))
 
     for label, _ in settings:
         idx = [i for i, lab in enumerate(trial_setting) if lab == label]
-        print(f"\n## Where the time goes, {label}: inclusive seconds of library functions per stage\n"
-              f"(median over the {len(idx)} warm trials, timer-wrapped; rows overlap; calls = per trial)\n")
+        print(
+            f"\n## Where the time goes, {label}: inclusive seconds of library functions per stage\n"
+            f"(median over the {len(idx)} warm trials, timer-wrapped; rows overlap; calls = per trial)\n"
+        )
         print(table(["function", "calls", *STAGE_NAMES, "trial"], timers.matrix(idx)))
 
     repeats = 1 if args.quick else 3
@@ -309,22 +368,51 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## Start-up + import cost of a fresh process (median of {repeats}, seconds)\n")
     print(table(["subprocess", "seconds"], [[label, f"{s:.2f}"] for label, s in imports]))
     startup = imports[-1][1]
-    print(f"(the same imports took {in_process_import:.2f} s inside this process before the trials; "
-          "pruneflow.stages imports torch through pruneflow.spec -> pruneflow.data)")
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pruneflow.stages, pruneflow.spec; "
+            "print(sorted(m for m in ('torch', 'openvino', 'onnxruntime') if m in sys.modules))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    ).stdout.strip()
+    print(
+        f"(the same imports took {in_process_import:.2f} s inside this process before the trials; "
+        f"heavy modules loaded by `import pruneflow.stages, pruneflow.spec` alone: {probe})"
+    )
 
     def tp_row(mode: str, s: float) -> list[str]:
-        return [mode, f"{s:.1f}", f"{3600 / s:.0f}", f"{RESEARCH_S[0] / s:.1f}-{RESEARCH_S[1] / s:.1f}x",
-                "yes" if s < TARGET_S else "no"]
+        return [
+            mode,
+            f"{s:.1f}",
+            f"{3600 / s:.0f}",
+            f"{RESEARCH_S[0] / s:.1f}-{RESEARCH_S[1] / s:.1f}x",
+            "yes" if s < TARGET_S else "no",
+        ]
 
     print("\n## Throughput (research pipeline: 24-55 s per rapid trial, ~90/hour; target < 10 s)\n")
-    tp_rows = [tp_row(f"warm, in one process, {label}", statistics.median(r["total"] for r in warm[label]))
-               for label, _ in settings]
-    tp_rows.append(tp_row(f"fresh process per trial (start-up + cold trial, {settings[0][1]} thr)",
-                          startup + cold["total"]))
-    tp_rows.append(["research pipeline (reference)", f"{RESEARCH_S[0]:.0f}-{RESEARCH_S[1]:.0f}", "~90", "1x", "no"])
+    tp_rows = [
+        tp_row(f"warm, in one process, {label}", statistics.median(r["total"] for r in warm[label]))
+        for label, _ in settings
+    ]
+    tp_rows.append(
+        tp_row(
+            f"fresh process per trial (start-up + cold trial, {settings[0][1]} thr)", startup + cold["total"]
+        )
+    )
+    tp_rows.append(
+        ["research pipeline (reference)", f"{RESEARCH_S[0]:.0f}-{RESEARCH_S[1]:.0f}", "~90", "1x", "no"]
+    )
     print(table(["mode", "s/trial", "trials/hour", "vs research", f"< {TARGET_S:.0f} s"], tp_rows))
-    print(f"(one process per stage, as separate Airflow tasks would run, adds up to ~{len(STAGE_NAMES)} x "
-          f"{startup:.1f} s of start-up plus each stage's cold-path cost)")
+    print(
+        f"(one process per stage, as separate Airflow tasks would run, adds up to ~{len(STAGE_NAMES)} x "
+        f"{startup:.1f} s of start-up plus each stage's cold-path cost)"
+    )
 
     if not args.no_profile:
         for label, threads in settings:
@@ -332,13 +420,22 @@ def main(argv: list[str] | None = None) -> int:
             spec = parse_spec(spec_dict(baseline, root, f"stages-profiled-t{threads}"))
             ptimes, profiles = run_stages(spec, profile=True)
             print(f"\n## cProfile, {label}: one extra warm trial (profiling inflates Python-heavy code)\n")
-            print("profiled stage seconds: " + ", ".join(f"{s} {ptimes[s]:.2f}" for s in STAGE_NAMES)
-                  + f"; total {ptimes['total']:.2f}  (load {load_avg()})")
+            print(
+                "profiled stage seconds: "
+                + ", ".join(f"{s} {ptimes[s]:.2f}" for s in STAGE_NAMES)
+                + f"; total {ptimes['total']:.2f}  (load {load_avg()})"
+            )
             for name in sorted(STAGE_NAMES, key=lambda s: -ptimes[s])[:2]:
                 print(f"\ntop cumulative functions of `{name}` ({ptimes[name]:.2f} s profiled):\n")
-                print(table(["function", "calls", "tottime", "cumtime"],
-                            [[f, str(nc), f"{tt:.3f}", f"{ct:.3f}"]
-                             for f, nc, tt, ct in top_cumulative(profiles[name], 10)]))
+                print(
+                    table(
+                        ["function", "calls", "tottime", "cumtime"],
+                        [
+                            [f, str(nc), f"{tt:.3f}", f"{ct:.3f}"]
+                            for f, nc, tt, ct in top_cumulative(profiles[name], 10)
+                        ],
+                    )
+                )
         torch.set_num_threads(default_threads)
     print(f"\nload avg: {load_avg()} at end")
     return 0

@@ -152,7 +152,10 @@ def render_config(home: Home, port: int, host: str = DEFAULT_HOST) -> str:
         raise AirflowCliError(f"template not found: {TEMPLATE}")
     # Airflow's usual side ports for the default install; free ones for any other, so that two homes
     # (the user's and a test's) can run side by side.
-    log_ports = (8793, 8794) if port == DEFAULT_PORT else (_free_port(host), _free_port(host))
+    log_ports = [8793, 8794] if port == DEFAULT_PORT else [_free_port(host)]
+    while len(log_ports) < 2:
+        if (p := _free_port(host)) not in (port, *log_ports):
+            log_ports.append(p)
     values = {
         "home": str(home.path),
         "repo": str(REPO),
@@ -251,6 +254,9 @@ class Proc:
 
     pid: int
     start: int  # clock ticks after boot, field 22 of /proc/<pid>/stat
+
+    def alive(self) -> bool:
+        return _alive(self)
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -73,7 +73,8 @@ class AirflowServers:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PRUNEFLOW_"))}
         env.update(PRUNEFLOW_ARTIFACTS=str(self.out / "trials"), PRUNEFLOW_DB=self.results_db,
-                   PRUNEFLOW_BASELINES=str(self.out / "baselines"), PRUNEFLOW_HOME=str(REPO))
+                   PRUNEFLOW_BASELINES=str(self.out / "baselines"), PRUNEFLOW_REPORTS=str(self.out / "reports"),
+                   PRUNEFLOW_HOME=str(REPO))
         return env
 
     def pruneflow(self, command: str, *args: str, timeout: float = UP_TIMEOUT) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import stat
 import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -66,12 +67,10 @@ def test_up_is_healthy_idempotent_and_keeps_its_password(airflow_servers: Airflo
     assert status.returncode == 0, status.stdout + status.stderr
     assert f"{s.url}/" in status.stdout and "stopped" not in status.stdout
 
-    # The rendered config is what the servers run with.
-    got = s.airflow("config", "get-value", "api", "base_url")
-    assert got.stdout.strip() == s.url, got.stderr
-    pool = s.airflow("pools", "get", "benchmark_cpu", "-o", "json")
-    assert pool.returncode == 0, pool.stderr
-    assert json.loads(pool.stdout)[0]["slots"] in (1, "1")
+    # init made the benchmark pool, with one slot.
+    with s.client() as client:
+        pool = client.get("/api/v2/pools/benchmark_cpu")
+        assert pool.status_code == 200 and pool.json()["slots"] == 1, pool.text
 
 
 def test_rest_needs_a_token(airflow_servers: AirflowServers):  # noqa: F811
@@ -101,7 +100,25 @@ def test_bad_conf_is_refused_and_names_the_field(airflow_servers: AirflowServers
         assert "criterion" in r.text
 
 
-def test_rest_trigger_runs_a_rapid_trial_to_success(airflow_servers: AirflowServers):  # noqa: F811
+def _wait_for_task(servers: AirflowServers, client: httpx.Client, run_id: str, task_id: str,
+                   timeout: float = TRIAL_TIMEOUT) -> str:
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = servers.task_states(client, run_id).get(task_id)
+        if state in ("success", "failed", "upstream_failed", "skipped"):
+            return state
+        time.sleep(2)
+    return str(state)
+
+
+def _interval(ti: dict) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(ti["start_date"]), datetime.fromisoformat(ti["end_date"])
+
+
+def test_trials_triggered_by_rest_and_cli_run_to_success(airflow_servers: AirflowServers):  # noqa: F811
+    """One trial triggered by REST, one by `airflow dags trigger -c JSON` once the first has trained
+    the shared baseline; they overlap, except for their benchmarks (a pool of one slot)."""
     s = airflow_servers
     with s.client() as client:
         s.wait_for_dag(client)
@@ -111,36 +128,37 @@ def test_rest_trigger_runs_a_rapid_trial_to_success(airflow_servers: AirflowServ
         t0 = time.monotonic()
         r = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
         assert r.status_code == 200, r.text
-        run_id = r.json()["dag_run_id"]
-        run = s.wait_for_run(client, run_id, timeout=TRIAL_TIMEOUT)
-        print(f"REST-triggered trial (baseline training included): {run.get('state')} in "
-              f"{time.monotonic() - t0:.1f}s")
-        assert run["state"] == "success", _trial_failure(s, client, run_id, run)
-        bench = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/benchmark").json()
-        assert bench["pool"] == "benchmark_cpu"
+        rest_run = r.json()["dag_run_id"]
+        assert r.json()["conf"]["trial_id"] == "e2e-rest"
 
-    row = ResultsStore(s.results_db).get_trial("e2e-rest")
-    assert row is not None and row["status"] == "succeeded", row
-    assert row["latency_median_ms"] and row["latency_median_ms"] > 0
-    assert row["params_after"] < row["params_before"]
-    assert str(s.out / "trials") in (row["artifact_dir"] or "")
+        # The second trial reuses the baseline the first one trains.
+        state = _wait_for_task(s, client, rest_run, "ensure_baseline")
+        assert state == "success", _trial_failure(s, client, rest_run, {"state": state})
+        print(f"baseline trained by the first trial after {time.monotonic() - t0:.1f}s")
+        cli_conf = {**RAPID, "trial_id": "e2e-cli", "name": "e2e-cli", "criterion": "l2",
+                    "sparsities": {"layer1": 0.25, "layer3": 0.75}}
+        proc = s.airflow("dags", "trigger", DAG_ID, "-c", json.dumps(cli_conf), "-r", "e2e-cli-run")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
+        for run_id in (rest_run, "e2e-cli-run"):
+            run = s.wait_for_run(client, run_id, timeout=TRIAL_TIMEOUT)
+            print(f"{run_id}: {run.get('state')} after {time.monotonic() - t0:.1f}s")
+            assert run["state"] == "success", _trial_failure(s, client, run_id, run)
+        assert client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/e2e-cli-run").json()["conf"] == cli_conf
 
-def test_cli_trigger_runs_a_trial(airflow_servers: AirflowServers):  # noqa: F811
-    s = airflow_servers
-    conf = {**RAPID, "trial_id": "e2e-cli", "name": "e2e-cli", "criterion": "l2",
-            "sparsities": {"layer1": 0.25, "layer3": 0.75}}
-    t0 = time.monotonic()
-    proc = s.airflow("dags", "trigger", DAG_ID, "-c", json.dumps(conf), "-r", "e2e-cli-run", "-o", "json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    with s.client() as client:
-        run = s.wait_for_run(client, "e2e-cli-run", timeout=TRIAL_TIMEOUT)
-        print(f"CLI-triggered trial (baseline reused): {run.get('state')} in {time.monotonic() - t0:.1f}s")
-        assert run["state"] == "success", _trial_failure(s, client, "e2e-cli-run", run)
-        assert run["conf"]["trial_id"] == "e2e-cli"
-    row = ResultsStore(s.results_db).get_trial("e2e-cli")
-    assert row is not None and row["status"] == "succeeded", row
-    assert row["latency_median_ms"] > 0
+        benches = [client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/benchmark").json()
+                   for run_id in (rest_run, "e2e-cli-run")]
+    assert {b["pool"] for b in benches} == {"benchmark_cpu"}
+    (a0, a1), (b0, b1) = sorted(_interval(b) for b in benches)
+    assert a1 <= b0, f"the two benchmarks overlapped: {a0}..{a1} and {b0}..{b1}"
+
+    store = ResultsStore(s.results_db)
+    for trial_id in ("e2e-rest", "e2e-cli"):
+        row = store.get_trial(trial_id)
+        assert row is not None and row["status"] == "succeeded", row
+        assert row["latency_median_ms"] and row["latency_median_ms"] > 0
+        assert row["params_after"] < row["params_before"]
+        assert (row["artifact_dir"] or "").startswith(str(s.out / "trials"))
 
 
 def test_down_stops_everything_and_up_keeps_home_and_trials(airflow_servers: AirflowServers):  # noqa: F811
@@ -154,7 +172,7 @@ def test_down_stops_everything_and_up_keeps_home_and_trials(airflow_servers: Air
     down = s.down()
     print(f"pruneflow airflow down: {time.monotonic() - t0:.1f}s ({len(before)} processes)\n{down.stdout}")
     assert down.returncode == 0, down.stdout + down.stderr
-    assert [p for p in before if airflow_cli._alive(p)] == []
+    assert [p for p in before if p.alive()] == []
     assert s.processes() == []
     assert not port_open(s.port)
     assert not list((s.home / "run").glob("*.pid"))
