@@ -1,10 +1,12 @@
 """A sweep through real Airflow servers: prune_sweep rounds trigger prune_trial runs, the search is
 told, the study resumes, the report is written, and the plugin page serves it only to a logged-in user."""
 
+import shutil
 import time
 
 import httpx
-from airflow_servers import airflow_servers  # noqa: F401  (the shared fixture)
+from airflow_servers import REPO, airflow_servers  # noqa: F401  (the shared fixture)
+from test_ui_browser import browser_context  # noqa: F401
 
 from pruneflow import analysis
 
@@ -71,3 +73,30 @@ def test_sweep_rounds_resume_report_and_plugin(airflow_servers):  # noqa: F811
     assert page.status_code == 200 and "<svg" in page.text and "airflow-sweep-0000" in page.text
     index = client.get("/pruneflow/")
     assert index.status_code == 200 and "airflow-sweep" in index.text
+
+
+def test_plugin_page_in_a_real_browser(airflow_servers, browser_context, tmp_path):  # noqa: F811
+    """Chromium logs in to the Airflow UI and opens pruneflow's page: the Pareto plot is on it."""
+    s = airflow_servers
+    page = browser_context.new_page()
+    page.goto(f"{s.url}/pruneflow/")
+    assert "Not authenticated" in page.content() or page.url.endswith("/pruneflow/")  # no cookie yet: refused
+    page.goto(f"{s.url}/dags/prune_sweep")
+    page.locator("input[name=username]").fill("admin")
+    page.locator("input[name=password]").fill(s.password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/dags/prune_sweep**")
+    # the navigation carries the plugin's link
+    assert page.get_by_text("Pruning results").count() >= 1
+    page.goto(f"{s.url}/pruneflow/")
+    page.get_by_text("airflow-sweep").first.click()
+    page.wait_for_url("**/pruneflow/studies/airflow-sweep")
+    plot = page.locator(".pareto-plot svg")
+    plot.wait_for()
+    assert plot.count() == 1 and page.locator(".pareto-plot svg a").count() >= 3  # points link to trials
+    shot = tmp_path / "plugin_pareto.png"
+    page.screenshot(path=str(shot), full_page=True)
+    artifact = REPO / "out" / "test-artifacts" / "plugin_pareto.png"
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, artifact)
+    assert shot.stat().st_size > 10_000
