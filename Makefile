@@ -18,7 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pruneflow.demo --out $(OUT)/demo
+	$(PY) -m pruneflow.demo --out $(OUT)/demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

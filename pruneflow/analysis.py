@@ -9,7 +9,7 @@ import numpy as np
 
 
 def study_rows(db_url: str, study: str) -> list[dict]:
-    """The study's trials, oldest first, each with `targets` {group: target sparsity} and `dense`."""
+    """The study's trials in trial-number order, each with `targets` {group: target sparsity} and `dense`."""
     from pruneflow.store import ResultsStore
 
     store = ResultsStore(db_url)
@@ -23,9 +23,11 @@ def study_rows(db_url: str, study: str) -> list[dict]:
             r["targets"] = targets
             r["dense"] = not any(v > 0 for v in targets.values())
             r["epochs"] = store.epochs(r["trial_id"])
+            r["number"] = ((r.get("spec_json") or {}).get("sweep") or {}).get("optuna_trial_number")
     finally:
         store.close()
-    return rows
+    # trial number order (trials of a round run at once, so creation order is not the search's order)
+    return sorted(rows, key=lambda r: (r["number"] is None, r["number"] or 0))
 
 
 def measured(rows: list[dict]) -> list[dict]:
