@@ -141,7 +141,8 @@ def airflow_trial_demo(out: Path, baseline: Path, progress) -> None:
     if not airflow_cli.is_initialized(home):
         progress(f"airflow: initialising the demo Airflow home {home.path}")
         airflow_cli.init(home, port=airflow_cli._free_port(), say=lambda m: progress(f"airflow: {m}"))
-    conf = {"trial_id": "demo-airflow", "baseline": str(baseline), "sparsities": {"layer3": 0.75},
+    conf = {"trial_id": "demo-airflow", "baseline": str(baseline),
+            "sparsities": {"layer1": 0.25, "layer2": 0.25, "layer3": 0.25},
             "rounds": 3, "iterations": 60}
     progress("airflow: `airflow dags test prune_trial` (in-process, no servers) ...")
     t = time.perf_counter()

@@ -86,8 +86,11 @@ def test_plugin_page_in_a_real_browser(airflow_servers, browser_context, tmp_pat
     page.locator("input[name=password]").fill(s.password)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url("**/dags/prune_sweep**")
-    # the navigation carries the plugin's link
-    assert page.get_by_text("Pruning results").count() >= 1
+    # the plugin and its navigation link are registered with the API server
+    with s.client(s.token()) as client:
+        plugins = client.get("/api/v2/plugins").json()["plugins"]
+    mine = next(p for p in plugins if p["name"] == "pruneflow")
+    assert [v["name"] for v in mine["external_views"]] == ["Pruning results"]
     page.goto(f"{s.url}/pruneflow/")
     page.get_by_text("airflow-sweep").first.click()
     page.wait_for_url("**/pruneflow/studies/airflow-sweep")
