@@ -27,14 +27,9 @@ def load_avg() -> str:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from pruneflow.bench.runner import _cpu_model
+
+    return _cpu_model() or "unknown"
 
 
 def cpu_isa() -> str:

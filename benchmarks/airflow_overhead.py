@@ -182,11 +182,17 @@ def run_airflow(code: Path, root: Path, baseline: Path, n: int, rounds: int, ite
                     "warmup": 20, "threads": 1, "epochs": 0}
             load0, cpu0 = load_avg(), cpu_busy_s()
             trig: dict[str, float] = {}
+            errors: list[str] = []
             for i in range(n):
                 run_id = f"bench-{i}"
                 trig[run_id] = time.time()
-                r = c.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
-                           json={"dag_run_id": run_id, "logical_date": None, "conf": {**conf, "trial_id": f"af-{i}"}})
+                body = {"dag_run_id": run_id, "logical_date": None, "conf": {**conf, "trial_id": f"af-{i}"}}
+                for attempt in range(6):  # the SQLite metadata DB may be locked by the scheduler: 500
+                    r = c.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json=body)
+                    if r.status_code < 500 or c.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").status_code == 200:
+                        break
+                    errors.append(f"trigger {run_id}: {r.status_code} {r.text[:200]}")
+                    time.sleep(0.5 * (attempt + 1))
                 r.raise_for_status()
             runs: dict[str, dict] = {}
             deadline = time.monotonic() + timeout
@@ -212,7 +218,7 @@ def run_airflow(code: Path, root: Path, baseline: Path, n: int, rounds: int, ite
         raise RuntimeError(f"runs failed: {states} (logs under {srv.home / 'logs'}; use --keep)")
     first = min(trig.values())
     last = max(ts(run["end_date"]) for run in runs.values())
-    return {"up_s": up_s, "wall": last - first, "trig": trig, "runs": runs, "tis": tis, "cpu": cpu,
+    return {"up_s": up_s, "wall": last - first, "trig": trig, "runs": runs, "tis": tis, "cpu": cpu, "errors": errors,
             "load_before": load0, "load_after": load1, "home": srv.home}
 
 
@@ -314,6 +320,8 @@ def report(args, header: str, ip: dict | None, af: dict | None) -> str:
         out.append(f"Airflow per-trial latency trigger -> success: median {med(lat)} s, min {min(lat):.2f} s, "
                    f"max {max(lat):.2f} s; tasks running at once: mean {mean_c:.2f}, max {peak}; "
                    f"servers up in {af['up_s']:.1f} s (not counted)")
+        if af["errors"]:
+            out.append(f"REST errors while triggering (retried): {len(af['errors'])}, e.g. {af['errors'][0]}")
         text, _ = breakdown(af, ip)
         out += ["", "Where the Airflow time goes, summed over the trials (sched = previous task's end, or the "
                     "trigger, -> queued;", "queued->start = executor pick-up + task process start; start->end = "
@@ -346,15 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     baseline = ensure_baseline(3, progress=say)
     root = OUT / "airflow_overhead" / datetime.now().strftime("%Y%m%d-%H%M%S")
     ip = af = None
+    ok = False
     try:
         if args.only != "airflow":
             ip = run_inprocess(args.code, root / "inprocess", baseline, args.trials, args.rounds, args.iterations, say)
         if args.only != "inprocess":
             af = run_airflow(args.code, root / "airflow", baseline, args.trials, args.rounds, args.iterations,
                              overrides, say, args.timeout)
+        ok = True
     finally:
-        if not args.keep:
+        if ok and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+        elif not ok:
+            say(f"failed: kept {root} for its logs")
     text = report(args, header, ip, af)
     print(text)
     if args.write:
