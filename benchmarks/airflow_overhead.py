@@ -14,7 +14,9 @@ Reported: total wall of each mode, their ratio, trials/hour, per-trial latency (
 of the Airflow runs, and per task where the time goes: scheduling (previous task's end -> queued),
 queued -> start (executor + task process start) and start -> end (task process: DAG parse, imports,
 the stage itself, XCom), against the stage's own in-process time (``run_trial``'s ``timings_s``).
-System-wide busy CPU seconds (/proc/stat) are given per phase; the machine may be shared.
+CPU: the mode's own CPU seconds per trial (the trial subprocesses; or the Airflow servers and the task
+processes they reaped) and the machine's busy CPU seconds over the phase (/proc/stat: the machine may be
+shared, and the difference is what else ran).
 
     .venv/bin/python benchmarks/airflow_overhead.py [--trials 6] [--set SECTION.KEY=VALUE ...]
         [--code DIR] [--label TEXT] [--write] [--only airflow|inprocess]
@@ -62,6 +64,27 @@ def cpu_busy_s() -> float:
     return (sum(vals[:8]) - vals[3] - vals[4]) / hz
 
 
+def own_cpu_s(home: Path | None = None) -> float:
+    """CPU seconds of this script's finished children (the in-process trials), or, given an Airflow home,
+    of its server processes and everything they have reaped (task processes): what the mode itself costs,
+    whatever else runs on the machine."""
+    if home is None:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+    from pruneflow import airflow_cli
+
+    total = 0.0
+    for p in airflow_cli.server_processes(airflow_cli.Home(home)):
+        try:
+            st = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(v) for v in st[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,7 +114,7 @@ def spec_dict(baseline: Path, root: Path, rounds: int, iterations: int) -> dict:
 
 def base_env(code: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PRUNEFLOW_"))}
-    env["PYTHONPATH"] = str(code)
+    env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("BENCH_EXTRA_PYTHONPATH")])])
     env["PRUNEFLOW_HOME"] = str(code)
     return env
 
@@ -104,7 +127,7 @@ def run_inprocess(code: Path, root: Path, baseline: Path, n: int, rounds: int, i
     spec_path.write_text(json.dumps(spec_dict(baseline, root, rounds, iterations), indent=2))
     env = base_env(code)
     walls, summaries = [], []
-    load0, cpu0, t0 = load_avg(), cpu_busy_s(), time.monotonic()
+    load0, cpu0, own0, t0 = load_avg(), cpu_busy_s(), own_cpu_s(), time.monotonic()
     for i in range(n):
         t = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "pruneflow.cli", "trial", str(spec_path), "--json",
@@ -116,6 +139,7 @@ def run_inprocess(code: Path, root: Path, baseline: Path, n: int, rounds: int, i
         say(f"in-process trial {i}: {walls[-1]:.1f} s (stages {summaries[-1]['total_s']:.1f} s)")
     wall = time.monotonic() - t0
     return {"wall": wall, "walls": walls, "summaries": summaries, "cpu": cpu_busy_s() - cpu0,
+            "own_cpu": own_cpu_s() - own0,
             "load_before": load0, "load_after": load_avg()}
 
 
@@ -180,7 +204,7 @@ def run_airflow(code: Path, root: Path, baseline: Path, n: int, rounds: int, ite
             time.sleep(5)  # let start-up work (first parse, serialization) settle
             conf = {"name": "bench-airflow", "baseline": str(baseline), "rounds": rounds, "iterations": iterations,
                     "warmup": 20, "threads": 1, "epochs": 0}
-            load0, cpu0 = load_avg(), cpu_busy_s()
+            load0, cpu0, own0 = load_avg(), cpu_busy_s(), own_cpu_s(srv.home)
             trig: dict[str, float] = {}
             errors: list[str] = []
             for i in range(n):
@@ -204,7 +228,7 @@ def run_airflow(code: Path, root: Path, baseline: Path, n: int, rounds: int, ite
                 for run in r.json()["dag_runs"]:
                     if run["dag_run_id"] in trig and run["state"] in ("success", "failed"):
                         runs[run["dag_run_id"]] = run
-            cpu = cpu_busy_s() - cpu0
+            cpu, own = cpu_busy_s() - cpu0, own_cpu_s(srv.home) - own0
             load1 = load_avg()
             tis = {}
             for run_id in trig:
@@ -218,7 +242,8 @@ def run_airflow(code: Path, root: Path, baseline: Path, n: int, rounds: int, ite
         raise RuntimeError(f"runs failed: {states} (logs under {srv.home / 'logs'}; use --keep)")
     first = min(trig.values())
     last = max(ts(run["end_date"]) for run in runs.values())
-    return {"up_s": up_s, "wall": last - first, "trig": trig, "runs": runs, "tis": tis, "cpu": cpu, "errors": errors,
+    return {"up_s": up_s, "wall": last - first, "trig": trig, "runs": runs, "tis": tis, "cpu": cpu, "own_cpu": own,
+            "errors": errors,
             "load_before": load0, "load_after": load1, "home": srv.home}
 
 
@@ -299,11 +324,12 @@ def report(args, header: str, ip: dict | None, af: dict | None) -> str:
     rows = []
     if ip:
         rows.append(["in-process (sequential `pruneflow trial`)", f"{ip['wall']:.1f}", f"{ip['wall'] / n:.2f}",
-                     f"{n / ip['wall'] * 3600:.0f}", f"{ip['cpu']:.0f}", ip["load_before"], ip["load_after"]])
+                     f"{n / ip['wall'] * 3600:.0f}", f"{ip['own_cpu'] / n:.1f}", f"{ip['cpu']:.0f}", ip["load_before"], ip["load_after"]])
     if af:
         rows.append([f"Airflow ({n} runs triggered at once)", f"{af['wall']:.1f}", f"{af['wall'] / n:.2f}",
-                     f"{n / af['wall'] * 3600:.0f}", f"{af['cpu']:.0f}", af["load_before"], af["load_after"]])
-    out += ["", table(["mode", "wall s", "wall s/trial", "trials/hour", "busy CPU s", "load before", "load after"],
+                     f"{n / af['wall'] * 3600:.0f}", f"{af['own_cpu'] / n:.1f}", f"{af['cpu']:.0f}", af["load_before"], af["load_after"]])
+    out += ["", table(["mode", "wall s", "wall s/trial", "trials/hour", "own CPU s/trial", "machine busy CPU s", "load before",
+                       "load after"],
                       rows)]
     if ip and af:
         out.append(f"Airflow / in-process wall: {af['wall'] / ip['wall']:.2f}x; target >= {TARGET_PER_HOUR}/hour "
@@ -342,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help=f"append the output to {RESULTS.relative_to(REPO)}")
     p.add_argument("--keep", action="store_true", help="keep the tmp folder (Airflow home, task logs)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds to wait for the Airflow runs")
+    p.add_argument("--summary", type=Path, help="append one JSON line of the headline numbers to this file")
     args = p.parse_args(argv)
     args.code = args.code.resolve()
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -369,6 +396,15 @@ def main(argv: list[str] | None = None) -> int:
             say(f"failed: kept {root} for its logs")
     text = report(args, header, ip, af)
     print(text)
+    if args.summary:
+        line = {"label": args.label, "set": args.set, "code": str(args.code), "n": args.trials,
+                "date": datetime.now().isoformat(timespec="seconds")}
+        for key, m in (("inprocess", ip), ("airflow", af)):
+            if m:
+                line[key] = {"wall": round(m["wall"], 1), "own_cpu_per_trial": round(m["own_cpu"] / args.trials, 2),
+                             "busy_cpu": round(m["cpu"]), "load_before": m["load_before"], "load_after": m["load_after"]}
+        with open(args.summary, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
     if args.write:
         with open(RESULTS, "a") as fh:  # append only: other sections of the file are someone else's
             title, body = text.split("\n", 1)

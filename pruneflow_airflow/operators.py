@@ -144,6 +144,67 @@ def _with_failure_recording(kwargs: dict) -> dict:
     return kwargs
 
 
+def task_threads() -> int:
+    """Torch threads of one task: ``[pruneflow] task_threads``; ``auto`` (the default) = the CPU cores
+    // ``[core] parallelism`` (at least 1), so the task processes Airflow runs at once never ask for more
+    threads than there are cores (oversubscribed OpenMP threads spin against each other: on 2 cores with
+    two tasks at once, a rapid trial's torch stages ran 2-10x slower); ``0`` = torch's default (one a core)."""
+    from airflow.configuration import conf as airflow_conf
+
+    raw = str(airflow_conf.get("pruneflow", "task_threads", fallback="auto")).strip().lower()
+    if raw in ("", "auto"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        parallelism = airflow_conf.getint("core", "parallelism", fallback=cores) or cores
+        return max(1, cores // parallelism)
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        return 0
+
+
+@contextlib.contextmanager
+def torch_threads():
+    """Run the block with :func:`task_threads` torch threads; the previous count is restored after it
+    (a task run in-process, e.g. by ``dag.test()``, leaves the process as it found it)."""
+    n = task_threads()
+    if n <= 0:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def dataset_cache_dir() -> str | None:
+    """``[pruneflow] dataset_cache``: the folder where the tasks cache built-in data sets (default
+    ``$AIRFLOW_HOME/cache/datasets``; empty or ``off``: no cache), so that each task does not build them again."""
+    from airflow.configuration import AIRFLOW_HOME
+    from airflow.configuration import conf as airflow_conf
+
+    raw = airflow_conf.get("pruneflow", "dataset_cache", fallback=None)
+    if raw is None:
+        return os.path.join(AIRFLOW_HOME, "cache", "datasets")
+    raw = raw.strip()
+    return None if raw.lower() in ("", "off", "none", "false") else raw
+
+
+@contextlib.contextmanager
+def stage_environment(uses_torch: bool = True):
+    """What every stage runs in: :func:`torch_threads` (when it runs torch) and the data set cache."""
+    from pruneflow import stages
+
+    with stages.dataset_cache(dataset_cache_dir()), torch_threads() if uses_torch else contextlib.nullcontext():
+        yield
+
+
 def _spec_error(exc: Exception) -> AirflowFailException:
     """A spec error is deterministic: fail without retrying."""
     return AirflowFailException(str(exc))
@@ -184,17 +245,17 @@ class ValidateTrialOperator(BaseOperator):
         self.log.info("trial %s: spec resolved; artifacts %s, results DB %s, baseline %s",
                       spec.trial_id, spec.trial_dir(), spec.db, spec.baseline.checkpoint)
         if self.check_plan:
-            self._check_plan(spec)
+            with stage_environment():
+                self._check_plan(spec)
         return spec.model_dump(mode="json")
 
     def _check_plan(self, spec: TrialSpec) -> None:
-        from pruneflow.data import load_dataset
         from pruneflow.models import build_model
         from pruneflow.prune import resolve_groups
-        from pruneflow.stages import group_requests
+        from pruneflow.stages import _dataset, group_requests
 
         try:
-            data = load_dataset(spec.dataset)
+            data = _dataset(spec)  # the data set, cached for the trial's later tasks
             model = build_model(spec.model.name, data.in_channels, data.num_classes, **spec.model.kwargs)
             shape = list(spec.model.input_shape or data.input_shape)
             targets = resolve_groups(model, shape, group_requests(spec), spec.pruning.ignored_layers)
@@ -215,6 +276,8 @@ class TrialStageOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("spec", "artifacts", "db")
     template_fields_renderers = {"spec": "json"}
+    #: the stage runs torch: it runs under :func:`torch_threads` (the torch-free ones never import torch)
+    uses_torch: bool = True
 
     def __init__(
         self,
@@ -263,7 +326,8 @@ class TrialStageOperator(BaseOperator):
         from pruneflow.spec import SpecError
 
         try:
-            return self.run_stage(spec, context)
+            with stage_environment(self.uses_torch):
+                return self.run_stage(spec, context)
         except SpecError as exc:
             raise _spec_error(exc) from None
 
@@ -288,6 +352,7 @@ class EnsureBaselineOperator(TrialStageOperator):
 
     template_fields: Sequence[str] = (*TrialStageOperator.template_fields, "epochs", "lr")
     ui_color = "#fef7e0"
+    uses_torch = False  # only to train a missing baseline (see _train): a present one costs no torch import
 
     def __init__(self, *, epochs: int | str = pf_conf.DEFAULTS["baseline_epochs"], lr: float | str = 0.05,
                  batch_size: int = 64, **kwargs: Any) -> None:
@@ -333,9 +398,10 @@ class EnsureBaselineOperator(TrialStageOperator):
         self.log.info("baseline: training %s on %s for %d epoch(s) -> %s", spec.model.name, spec.dataset.name,
                       epochs, final)
         try:
-            metrics = train_baseline(spec.model.name, spec.dataset, epochs, tmp, model_kwargs=spec.model.kwargs,
-                                     lr=lr, batch_size=self.batch_size, seed=spec.seed,
-                                     progress=lambda s: self.progress(f"baseline: {s}"))
+            with torch_threads():
+                metrics = train_baseline(spec.model.name, spec.dataset, epochs, tmp, model_kwargs=spec.model.kwargs,
+                                         lr=lr, batch_size=self.batch_size, seed=spec.seed,
+                                         progress=lambda s: self.progress(f"baseline: {s}"))
             metrics["checkpoint"] = str(ckpt)
             (tmp / "baseline.json").write_text(json.dumps(metrics, indent=2))
             if final.exists():  # an incomplete folder without baseline.pt: replace it
@@ -412,6 +478,7 @@ class BenchmarkOperator(_AfterRetrain):
     skipped when the trial was abandoned. The stage itself is torch-free."""
 
     ui_color = "#fff0e0"
+    uses_torch = False
 
     def call_stage(self, spec: TrialSpec) -> dict[str, Any]:
         from pruneflow import stages
@@ -424,6 +491,7 @@ class RecordOperator(TrialStageOperator):
     succeeded or were skipped (``none_failed``), so an abandoned trial is recorded as ``abandoned``."""
 
     ui_color = "#e8eaed"
+    uses_torch = False
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", TriggerRule.NONE_FAILED)
