@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -103,17 +104,19 @@ def main() -> int:
             db = f"sqlite:///{out / 'studies' / (study + '.db')}"
             extra = {"top1_floor": floor} if objective == "latency_over_top1" else {}
             sweep = parse_sweep({"study": study, "base": {**base, "db": db}, "space": space, "objective": objective,
-                                 "sampler": sampler, "n_trials": args.trials, "parallel": 1, "seed": seed, **extra})
+                                 "sampler": sampler, "n_trials": args.trials, "parallel": 1, "seed": seed,
+                                 "include_dense": False, **extra})
             run_sweep(sweep, runner=runner_for(db))
             results.setdefault((sampler, objective), []).append(
                 {"rows": analysis.study_rows(db, study), "sweep": sweep})
             print(f"[{time.perf_counter() - t0:6.0f}s] {study}: done ({measured_now['n']} distinct trials measured)",
                   file=sys.stderr, flush=True)
 
-    # the best latency at Top-1 >= dense - 1 found by any run, and a common hypervolume reference
+    # the best latency at Top-1 >= dense - 1 found by any run (the dense model itself is measured apart,
+    # not given to the searches), and a common hypervolume reference
     all_rows = [r for v in results.values() for s in v for r in s["rows"]]
     ok = [r for r in analysis.measured(all_rows) if r["top1_final"] >= floor]
-    best_latency = min(r["latency_median_ms"] for r in ok)
+    best_latency = min([r["latency_median_ms"] for r in ok] or [math.inf])
     ref = analysis.reference(all_rows)
 
     def trials_to_within(rows, tol=0.01):
