@@ -32,6 +32,8 @@ test: $(STAMP) system-deps lint
 bench: $(STAMP)
 	$(PY) benchmarks/trial_stages.py
 	$(PY) benchmarks/macs_vs_latency.py
+	$(PY) benchmarks/airflow_overhead.py
+	$(PY) benchmarks/search_efficiency.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
