@@ -9,7 +9,6 @@ missing ones FAIL — a failure never stops the sweep.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -348,6 +347,3 @@ def summarize(sweep: SweepSpec) -> dict:
             "by_status": {s: sum(r["status"] == s for r in rows) for s in ("succeeded", "failed", "abandoned")},
             "best": [r["trial_id"] for r in best_rows(sweep, rows)]}
 
-
-def sweep_json(sweep: SweepSpec) -> str:
-    return json.dumps(sweep.model_dump(mode="json"), sort_keys=True)
