@@ -4,12 +4,24 @@ A FastAPI app mounted by the API server at /pruneflow, with a link in the Airflo
 Airflow does not authenticate plugin apps: every route here depends on Airflow's own `get_user`,
 which accepts the UI's session cookie or an `Authorization: Bearer` token (401 otherwise).
 Heavy work (plots, reports) is imported inside the handlers; nothing here imports torch.
+
+Every path served or written lies inside the reports root: a study name must be an id
+(:data:`pruneflow.constants.ID_PATTERN`), a report file a plain name, and both must resolve (symbolic
+links followed) to the study's folder directly under the root; anything else is 404. A study's report
+is rebuilt only when its trials changed since the last build (see :func:`pruneflow.report.report_source`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import html
+import json
+import os
+import re
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 from airflow.api_fastapi.core_api.security import get_user
 from airflow.plugins_manager import AirflowPlugin
@@ -32,6 +44,81 @@ def _reports_root() -> Path:
     from pruneflow_airflow.sweep_conf import reports_root
 
     return reports_root()
+
+
+# what the last build of a study's report was built from, beside the report
+REPORT_STATE = "report_source.json"
+# a file of a report: a plain name, no folder, not hidden (so never '.' or '..')
+_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@=+-]{0,199}")
+_build_lock = threading.Lock()
+
+
+def _not_found(what: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=what)
+
+
+def _study_dir(study: str) -> Path:
+    """The study's report folder: <reports root>/<study>, resolved, or 404 when the name is not an id or
+    the folder (a symbolic link, say) resolves anywhere but directly under the root."""
+    from pruneflow.constants import ID_RE, is_id
+
+    if not (is_id(study) and ID_RE.fullmatch(study)):
+        raise _not_found(f"no study {study!r}")
+    root = _reports_root().resolve()
+    out = (root / study).resolve()
+    if not out.is_relative_to(root) or out.parent != root:
+        raise _not_found(f"no study {study!r}")
+    return out
+
+
+def _report_file(study: str, name: str) -> Path:
+    out = _study_dir(study)
+    missing = _not_found(f"no report file {name!r} for study {study!r}")
+    if not _FILE_RE.fullmatch(name):
+        raise missing
+    path = (out / name).resolve()
+    if path.parent != out or not path.is_file():
+        raise missing
+    return path
+
+
+@contextmanager
+def _building(root: Path):
+    """One report build at a time: across the threads of this server, and its worker processes."""
+    root.mkdir(parents=True, exist_ok=True)
+    with _build_lock, open(root / ".build.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _current_summary(out: Path, source: dict) -> dict | None:
+    """The summary of the report in `out` if it was built from `source`, else None."""
+    try:
+        if json.loads((out / REPORT_STATE).read_text()) != source or not (out / "report.html").is_file():
+            return None
+        return json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def study_report(db: str, study: str, out: Path) -> tuple[dict, bool]:
+    """The study's report summary, and whether it was (re)built now: the last report is kept while the
+    study's trials are unchanged. Raises ValueError for an unknown study."""
+    from pruneflow import report
+
+    with _building(out.parent):
+        source = report.report_source(db, study)  # before the build: a trial recorded during it is news next time
+        summary = _current_summary(out, source)
+        if summary is not None:
+            return summary, False
+        summary = report.write_report(db, study, out)
+        tmp = out / f".{REPORT_STATE}.tmp"
+        tmp.write_text(json.dumps(source, indent=2))
+        os.replace(tmp, out / REPORT_STATE)
+        return summary, True
 
 
 def _page(title: str, body: str) -> HTMLResponse:
@@ -59,7 +146,7 @@ def create_app() -> FastAPI:
         for r in rows:
             studies.setdefault(r.get("study") or "(no study)", []).append(r)
         study_rows = "".join(
-            f"<tr><td><a href='studies/{html.escape(s)}'>{html.escape(s)}</a></td><td>{len(t)}</td>"
+            f"<tr><td><a href='studies/{html.escape(quote(s, safe=''))}'>{html.escape(s)}</a></td><td>{len(t)}</td>"
             f"<td>{sum(x['status'] == 'succeeded' for x in t)}</td><td>{sum(x['status'] == 'failed' for x in t)}</td>"
             f"<td>{sum(x['status'] == 'abandoned' for x in t)}</td></tr>"
             for s, t in sorted(studies.items()) if s != "(no study)")
@@ -77,14 +164,12 @@ def create_app() -> FastAPI:
 
     @app.get("/studies/{study}", response_class=HTMLResponse)
     def study_page(study: str):
-        from pruneflow.report import write_report
-
-        out = _reports_root() / study
+        out = _study_dir(study)
         try:
-            summary = write_report(_db(), study, out)
+            summary, _ = study_report(_db(), study, out)
         except ValueError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
-        svg = (out / "report.html").read_text()
+        svg = _report_file(study, "report.html").read_text()
         start = svg.index("<div class=\"pareto-plot\">")
         plot = svg[start:svg.index("</div>", start) + 6]
         best = "".join(f"<li>{html.escape(b['trial_id'])}: {b['latency_median_ms']:.3f} ms, "
@@ -98,11 +183,7 @@ def create_app() -> FastAPI:
 
     @app.get("/studies/{study}/report/{name}")
     def report_file(study: str, name: str):
-        root = (_reports_root() / study).resolve()
-        path = (root / name).resolve()
-        if path.parent != root or not path.is_file():
-            raise HTTPException(status_code=404, detail=f"no report file {name!r} for study {study!r}")
-        return FileResponse(path)
+        return FileResponse(_report_file(study, name))
 
     @app.get("/api/trials")
     def trials(study: str | None = None):

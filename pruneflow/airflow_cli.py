@@ -7,7 +7,8 @@ background processes each in its own process group, with `AIRFLOW_HOME` and the 
 their environment. Trial results live in `PRUNEFLOW_DB` (default `<repo>/out/pruneflow.db`), outside the
 home: neither `down` nor a new `up` touches them.
 
-This module never imports Airflow (DAG-free and fast); it only drives the `airflow` command.
+This module never imports Airflow (DAG-free and fast); it only drives the `airflow` command, and finds
+and stops its processes with psutil.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+
+import psutil
 
 # The repository (dags/, plugins/, out/); PRUNEFLOW_HOME points elsewhere, e.g. a deployed copy.
 REPO = Path(os.environ.get("PRUNEFLOW_HOME") or Path(__file__).resolve().parents[1]).resolve()
@@ -248,74 +251,78 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
 
 # ------------------------------------------------------------------------------------------ processes
 
+# A pid file's start time and psutil's may differ by rounding, or by a step of the clock the boot time is
+# derived from; a reused pid starts later than this.
+START_TOLERANCE = 1.0
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+
+
+def _live(ps: psutil.Process) -> bool:
+    """Running and not an exited process waiting to be reaped (a zombie has stopped for good)."""
+    try:
+        return ps.is_running() and ps.status() not in _GONE
+    except psutil.Error:
+        return False
+
+
 @dataclass(frozen=True, order=True)
 class Proc:
     """A process, identified by pid AND start time (so a reused pid is never mistaken for it)."""
 
     pid: int
-    start: int  # clock ticks after boot, field 22 of /proc/<pid>/stat
+    start: float  # psutil's create_time(): seconds since the epoch
+    ps: psutil.Process | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, ps: psutil.Process) -> Proc:
+        """Raises psutil.Error when the process is gone."""
+        return cls(ps.pid, ps.create_time(), ps)
+
+    def process(self) -> psutil.Process | None:
+        """The live psutil process, or None once it has exited (or its pid belongs to another process)."""
+        ps = self.ps
+        if ps is None:
+            try:
+                ps = psutil.Process(self.pid)
+                if abs(ps.create_time() - self.start) > START_TOLERANCE:
+                    return None
+            except psutil.Error:
+                return None
+        return ps if _live(ps) else None
 
     def alive(self) -> bool:
-        return _alive(self)
+        return self.process() is not None
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw.rsplit(")", 1)[1].split()
-
-
-def _proc(pid: int) -> Proc | None:
-    st = _stat(pid)
-    if st is None or st[0] in ("Z", "X"):
-        return None
-    return Proc(pid, int(st[19]))
-
-
-def _alive(p: Proc) -> bool:
-    return _proc(p.pid) == p
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _environ_marker(pid: int) -> str | None:
+def _marker(ps: psutil.Process) -> str | None:
     """MARKER's value in a process's initial environment. Processes that set their title (the
-    api-server, LocalExecutor workers, serve-logs) overwrite that memory, so this finds only the others."""
+    api-server, LocalExecutor workers, serve-logs) overwrite that memory, so this finds only the others
+    (their descendants are found through them, and the components' through the pid files)."""
     try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
+        return ps.environ().get(MARKER)
+    except psutil.Error:
         return None
-    prefix = MARKER.encode() + b"="
-    for item in raw.split(b"\0"):
-        if item.startswith(prefix):
-            return item[len(prefix):].decode(errors="replace")
-    return None
-
-
-def _all_pids() -> list[int]:
-    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
 
 
 def _read_pid(home: Home, name: str) -> Proc | None:
     """The recorded process of a component, if it is still the very process `up` started."""
     try:
-        pid, start = (int(x) for x in home.pidfile(name).read_text().split()[:2])
+        pid_s, start_s = home.pidfile(name).read_text().split()[:2]
+        pid = int(pid_s)
+        # A pid file of an earlier pruneflow holds the start in clock ticks after boot.
+        start = float(start_s) if "." in start_s else psutil.boot_time() + int(start_s) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError):
         return None
-    p = Proc(pid, start)
-    st = _stat(pid)
-    # Same start time (no pid reuse), still leading its own process group, still airflow.
-    if not _alive(p) or st is None or int(st[2]) != pid or "airflow" not in _cmdline(pid):
+    ps = Proc(pid, start).process()
+    if ps is None:
         return None
-    return p
+    # Same start time (no pid reuse), still leading its own process group, still airflow.
+    try:
+        if os.getpgid(pid) != pid or "airflow" not in " ".join(ps.cmdline()):
+            return None
+        return Proc.of(ps)
+    except (OSError, psutil.Error):
+        return None
 
 
 def running(home: Home) -> dict[str, int]:
@@ -325,23 +332,39 @@ def running(home: Home) -> dict[str, int]:
 
 def server_processes(home: Home) -> list[Proc]:
     """Every live process of this home's servers: the components, everything in their process groups,
-    all their descendants (task processes included), and any process still carrying the home's marker."""
-    roots = {p.pid for name in COMPONENTS if (p := _read_pid(home, name)) is not None}
-    table = {}
-    for pid in _all_pids():
-        st = _stat(pid)
-        if st is not None and st[0] not in ("Z", "X"):
-            table[pid] = (int(st[1]), int(st[2]), int(st[19]))  # ppid, pgrp, start
-    found = {pid for pid, (_, pgrp, _) in table.items() if pid in roots or pgrp in roots}
-    changed = True
-    while changed:
-        kids = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
-        changed = bool(kids)
-        found |= kids
+    any process still carrying the home's marker, and all their descendants (task processes included)."""
     me = os.getpid()
-    found |= {pid for pid in table if pid != me and _environ_marker(pid) == str(home.path)}
-    found.discard(me)
-    return sorted(Proc(pid, table[pid][2]) for pid in found)
+    roots = {p.pid: p.ps for name in COMPONENTS if (p := _read_pid(home, name)) is not None}
+    found: dict[int, psutil.Process] = dict(roots)
+    for ps in psutil.process_iter():
+        if ps.pid in found or ps.pid == me:
+            continue
+        try:
+            in_group = bool(roots) and os.getpgid(ps.pid) in roots
+        except OSError:
+            continue
+        if in_group or _marker(ps) == str(home.path):
+            found[ps.pid] = ps
+    descendants: set[int] = set()
+    for ps in list(found.values()):
+        if ps.pid in descendants:
+            continue
+        try:
+            kids = ps.children(recursive=True)
+        except psutil.Error:
+            continue
+        for kid in kids:
+            descendants.add(kid.pid)
+            found.setdefault(kid.pid, kid)
+    found.pop(me, None)
+    procs = []
+    for ps in found.values():
+        if _live(ps):
+            try:
+                procs.append(Proc.of(ps))
+            except psutil.Error:
+                pass
+    return sorted(procs)
 
 
 def _start(home: Home, name: str) -> Proc:
@@ -356,10 +379,12 @@ def _start(home: Home, name: str) -> Proc:
                                 cwd=str(home.path), start_new_session=True, close_fds=True)
     finally:
         log.close()
-    p = _proc(proc.pid)
-    home.pidfile(name).write_text(f"{proc.pid} {p.start if p else 0}\n")
-    return Proc(proc.pid, p.start if p else 0)
-
+    try:
+        p = Proc.of(psutil.Process(proc.pid))
+    except psutil.Error:  # gone already: `up` reports it with its log
+        p = Proc(proc.pid, 0.0)
+    home.pidfile(name).write_text(f"{p.pid} {p.start!r}\n")
+    return p
 
 def health(url: str, timeout: float = 3.0) -> dict | None:
     try:
@@ -422,7 +447,7 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
     bad: list[str] = []
     while time.monotonic() - t0 < timeout:
         for name, proc in started.items():
-            if not _alive(proc):
+            if not proc.alive():
                 stop(home, say=lambda *_: None)
                 raise AirflowCliError(f"{name} exited during start-up; last lines of {home.logfile(name)}:\n"
                                       + _log_tail(home, name))
@@ -444,23 +469,26 @@ def _print_access(home: Home, url: str, say) -> None:
 
 
 def _signal(p: Proc, sig: int, group: bool = False) -> None:
-    if not _alive(p):
+    ps = p.process()
+    if ps is None:
         return
     try:
         if group:
             os.killpg(p.pid, sig)
         else:
-            os.kill(p.pid, sig)
-    except (ProcessLookupError, PermissionError):
+            ps.send_signal(sig)  # psutil checks the pid is still this process
+    except (ProcessLookupError, PermissionError, psutil.Error):
         pass
 
 
 def _wait_gone(procs: list[Proc], seconds: float) -> list[Proc]:
+    """The processes still alive after up to `seconds`. Our own children are reaped as they exit; an
+    exited process that its parent has not reaped yet (a zombie) counts as gone."""
     deadline = time.monotonic() + seconds
-    left = [p for p in procs if _alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = [p for p in left if _alive(p)]
+    left = [p for p in procs if p.alive()]
+    while left and (remaining := deadline - time.monotonic()) > 0:
+        psutil.wait_procs([ps for p in left if (ps := p.process()) is not None], timeout=min(0.2, remaining))
+        left = [p for p in left if p.alive()]
     return left
 
 

@@ -191,6 +191,27 @@ def write_report(db_url: str, study: str, out_dir: str | Path) -> dict:
     return summary
 
 
+def report_source(db_url: str, study: str) -> dict:
+    """What a study's report is built from, in brief: its number of trials, the latest change to any of them
+    and its number of epoch rows. A report built from the same source is current; a new or changed trial
+    changes it. JSON-safe, to be stored beside the report."""
+    from sqlalchemy import func, select
+
+    from pruneflow.store import Epoch, ResultsStore, Trial
+
+    store = ResultsStore(db_url)
+    try:
+        with store.engine.connect() as conn:
+            n, latest = conn.execute(select(func.count(), func.max(Trial.updated_at))
+                                     .where(Trial.study == study)).one()
+            epochs = conn.execute(select(func.count()).select_from(Epoch).join(Trial, Epoch.trial_id == Trial.trial_id)
+                                  .where(Trial.study == study)).scalar_one()
+    finally:
+        store.close()
+    return {"study": study, "trials": int(n), "updated_at": str(latest) if latest is not None else None,
+            "epochs": int(epochs)}
+
+
 def _html(sweep, rows, best, corr, figs, to_best, saved, best_spec, groups) -> str:
     e = html.escape
     best_ids = {r["trial_id"] for r in best}

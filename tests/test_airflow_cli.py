@@ -1,0 +1,157 @@
+"""The process handling of `pruneflow airflow up/down/status`, without Airflow: stand-in processes started
+the way `up` starts the servers (own session, the home's marker in their environment) are found and
+stopped; processes of another home, or unmarked, are left alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pruneflow import airflow_cli
+from pruneflow.airflow_cli import MARKER, Home
+
+SLEEP = "import time; time.sleep(120)"
+# A marked process that starts a child without the marker (like a task process that sets its title and so
+# overwrites the environment memory the marker is read from), writes the child's pid, then sleeps.
+PARENT = textwrap.dedent("""
+    import os, subprocess, sys, time
+    env = {k: v for k, v in os.environ.items() if k != "PRUNEFLOW_AIRFLOW_SERVER"}
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+    open(sys.argv[1], "w").write(str(child.pid))
+    time.sleep(120)
+""")
+# A marked process that leaves a process in its group which is neither marked nor its descendant (a
+# double fork: the grandchild is re-parented), writes that process's pid, then sleeps.
+GROUP_LEADER = textwrap.dedent("""
+    import os, sys, time
+    env = {k: v for k, v in os.environ.items() if k != "PRUNEFLOW_AIRFLOW_SERVER"}
+    r, w = os.pipe()
+    if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
+            os.execve(sys.executable, [sys.executable, "-c", "import time; time.sleep(120)"], env)
+        os.write(w, str(pid).encode())
+        os._exit(0)
+    os.wait()
+    open(sys.argv[1], "w").write(os.read(r, 32).decode())
+    time.sleep(120)
+""")
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+
+    def start(args: list[str], marker: str | None = None, **kwargs) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k != MARKER}
+        if marker is not None:
+            env[MARKER] = marker
+        p = subprocess.Popen([sys.executable, *args], env=env, stdin=subprocess.DEVNULL, **kwargs)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        try:
+            os.killpg(p.pid, signal.SIGKILL) if os.getpgid(p.pid) == p.pid else p.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.wait(timeout=10)
+
+
+def _wait_for(path: Path, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().strip():
+            return int(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written")
+
+
+def _wait_env(pid: int, timeout: float = 10) -> None:
+    """Until the interpreter has exec'd (its environment readable), so the test does not race the start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "python" in " ".join(psutil.Process(pid).cmdline()).lower():
+                return
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+
+
+def test_marked_processes_and_their_descendants_are_found_and_stopped(procs, tmp_path):
+    home = Home(tmp_path / "home")
+    other = Home(tmp_path / "other-home")
+    marked = procs(["-c", SLEEP], marker=str(home.path), start_new_session=True)
+    parent = procs(["-c", PARENT, str(tmp_path / "child.pid")], marker=str(home.path), start_new_session=True)
+    child_pid = _wait_for(tmp_path / "child.pid")
+    foreign = procs(["-c", SLEEP], marker=str(other.path), start_new_session=True)
+    plain = procs(["-c", SLEEP], start_new_session=True)
+    for p in (marked, parent, foreign, plain):
+        _wait_env(p.pid)
+
+    found = airflow_cli.server_processes(home)
+    pids = {p.pid for p in found}
+    # the unmarked child is found through its marked parent; nothing of another home, nothing unmarked, not us
+    assert pids == {marked.pid, parent.pid, child_pid}, (pids, marked.pid, parent.pid, child_pid)
+    assert all(p.alive() for p in found)
+    assert {p.pid for p in airflow_cli.server_processes(other)} == {foreign.pid}
+    assert airflow_cli.running(home) == {}  # no pid files: no component
+
+    messages = []
+    airflow_cli.stop(home, grace=1, say=messages.append)
+    assert "stray processes" in messages[-1]
+    assert [p for p in found if p.alive()] == []
+    assert airflow_cli.server_processes(home) == []
+    assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+    # the processes that are not this home's are untouched
+    assert foreign.poll() is None and plain.poll() is None
+    assert psutil.Process(plain.pid).is_running()
+
+
+def test_components_come_from_pid_files_and_a_reused_pid_is_not_one(procs, tmp_path):
+    home = Home(tmp_path / "home")
+    home.run.mkdir(parents=True)
+    # a stand-in component: its own process group leader, "airflow" in its command line, the marker set
+    comp = procs(["-c", GROUP_LEADER, str(tmp_path / "member.pid"), "airflow", "scheduler"],
+                 marker=str(home.path), start_new_session=True)
+    member = _wait_for(tmp_path / "member.pid")
+    _wait_env(comp.pid)
+    _wait_env(member)
+    assert os.getpgid(member) == comp.pid and psutil.Process(member).ppid() != comp.pid
+    start = psutil.Process(comp.pid).create_time()
+    home.pidfile("scheduler").write_text(f"{comp.pid} {start!r}\n")
+    assert airflow_cli.running(home) == {"scheduler": comp.pid}
+    assert {p.pid for p in airflow_cli.server_processes(home)} == {comp.pid, member}
+
+    # the same pid with another start time is another process: not a component
+    home.pidfile("dag-processor").write_text(f"{comp.pid} {start - 1000!r}\n")
+    assert airflow_cli.running(home) == {"scheduler": comp.pid}
+
+    airflow_cli.stop(home, grace=5, say=lambda *_: None)
+    assert airflow_cli.running(home) == {} and airflow_cli.server_processes(home) == []
+    assert not list(home.run.glob("*.pid"))
+    assert comp.wait(timeout=10) is not None  # reaped (by `stop`, which waits for its own children too)
+    assert not psutil.pid_exists(member) or psutil.Process(member).status() == psutil.STATUS_ZOMBIE
+
+
+def test_an_exited_unreaped_process_is_not_running(procs, tmp_path):
+    """A zombie (exited, not yet reaped by its parent: here this test) is gone for `up`, `down` and `status`."""
+    home = Home(tmp_path / "home")
+    p = procs(["-c", "pass"], marker=str(home.path), start_new_session=True)
+    deadline = time.monotonic() + 30
+    while psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE
+    proc = airflow_cli.Proc(p.pid, psutil.Process(p.pid).create_time())
+    assert not proc.alive()
+    assert airflow_cli.server_processes(home) == []
