@@ -26,7 +26,7 @@ with DAG(
 
     @task
     def studies() -> list[dict]:
-        from pruneflow_airflow.sweep_conf import nightly_studies
+        from pruneflow.sweep_conf import nightly_studies
 
         return nightly_studies()
 

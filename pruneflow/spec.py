@@ -7,21 +7,28 @@ that must match a layer) happen in :mod:`pruneflow.prune`, still before training
 
 from __future__ import annotations
 
-import re
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pruneflow.bench.settings import BenchmarkOptions
+from pruneflow.constants import CRITERIA, ID_PATTERN, ID_RULE, MAX_SPARSITY
 from pruneflow.data import DatasetSpec
 
-CRITERIA = ("l1", "l2", "bn-scale", "taylor", "random")
-Criterion = Literal["l1", "l2", "bn-scale", "taylor", "random"]
-MAX_SPARSITY = 0.95
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@=-]{0,99}$")
+Criterion = Literal[CRITERIA]  # type: ignore[valid-type]
+#: A name or id (trial, study, group, baseline): safe as a folder name and in a URL.
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 
 
 class SpecError(ValueError):
@@ -48,28 +55,29 @@ class ModelSpec(_Strict):
 
 
 class BaselineSpec(_Strict):
-    checkpoint: str = Field(..., description="path of a baseline checkpoint written by `pruneflow baseline`")
+    checkpoint: str | None = Field(
+        None, description="a baseline name (trained into the baselines folder on first use) or the path of a .pt "
+        "checkpoint written by `pruneflow baseline`; empty: the name <model>-<dataset>-<image_size>")
+    epochs: int = Field(15, ge=1, le=1000, description="training epochs of a named baseline that does not exist yet")
+    lr: float = Field(0.05, gt=0, le=10, description="learning rate of a named baseline that does not exist yet")
 
 
 class PruningGroup(_Strict):
-    name: str = Field(..., description="group name, e.g. layer3")
-    patterns: list[str] = Field(..., min_length=1, description="glob patterns over module names")
+    name: Id = Field(..., description="group name, e.g. layer3")
+    patterns: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        ..., min_length=1, description="glob patterns over module names")
     sparsity: float = Field(..., ge=0.0, le=MAX_SPARSITY, description="fraction of filters to remove")
     criterion: Criterion | None = Field(None, description="overrides the trial's criterion for this group")
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("must be 1-100 characters of letters, digits, '_', '.', '-', '@', '=' ")
-        return v
-
 
 class PruningSpec(_Strict):
-    groups: list[PruningGroup] = Field(default_factory=list)
-    criterion: Criterion = "l1"
-    round_to: int | None = Field(None, ge=1, le=512, description="keep a multiple of this many channels")
-    ignored_layers: list[str] = Field(default_factory=list, description="glob patterns never pruned")
+    groups: list[PruningGroup] = Field(
+        default_factory=list, description="JSON list of {name, patterns (globs over layer names), sparsity "
+        f"(fraction of filters removed, 0..{MAX_SPARSITY}), criterion (optional)}}")
+    criterion: Criterion = Field("l1", description="filter importance criterion")
+    round_to: int | None = Field(None, ge=1, le=512, description="keep a multiple of this many channels in each "
+                                 "pruned layer")
+    ignored_layers: list[str] = Field(default_factory=list, description="glob patterns of layers never pruned")
     distiller_schedule: str | None = Field(
         None, description="path of an Intel Distiller compression schedule; its pruners become groups"
     )
@@ -84,12 +92,12 @@ class PruningSpec(_Strict):
 
 
 class FinetuneSpec(_Strict):
-    epochs: int = Field(0, ge=0, le=1000, description="0 = rapid trial (no fine-tuning)")
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.01, gt=0, le=10)
-    batch_size: int = Field(64, ge=1, le=65536)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0, lt=1)
+    epochs: int = Field(0, ge=0, le=1000, description="fine-tuning epochs; 0 = rapid trial (no fine-tuning)")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="fine-tuning optimizer")
+    lr: float = Field(0.01, gt=0, le=10, description="fine-tuning learning rate")
+    batch_size: int = Field(64, ge=1, le=65536, description="fine-tuning batch size")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, lt=1, description="weight decay")
     chance_patience: int = Field(
         1, ge=1, description="abandon the trial if validation Top-1 is still at chance after this many epochs"
     )
@@ -99,17 +107,19 @@ class FinetuneSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    opset: int = Field(18, ge=13, le=23)
+    opset: int = Field(18, ge=13, le=23, description="ONNX opset")
     exporter: Literal["torchscript", "dynamo"] = Field(
         "torchscript", description="torch.onnx exporter: torchscript is ~10x faster to run on small CNNs"
     )
     parity_atol: float = Field(1e-3, gt=0, description="max |ONNX Runtime/OpenVINO - torch| on logits")
-    parity_samples: int = Field(8, ge=1, le=1024)
+    parity_samples: int = Field(8, ge=1, le=1024, description="validation images of the parity check")
     compress_to_fp16: bool = Field(False, description="store IR weights as fp16 (storage only)")
 
 
 class EarlyStopping(_Strict):
-    rule: Literal["median", "none"] = "median"
+    rule: Literal["median", "none"] = Field(
+        "median", description="median: stop a fine-tuning trial whose validation Top-1 falls below the median of "
+        "the study's earlier trials at the same epoch")
     n_startup_trials: int = Field(3, ge=1, description="finished fine-tuned trials of the study before the rule applies")
     n_warmup_steps: int = Field(1, ge=0, description="epochs before the rule applies")
 
@@ -117,32 +127,26 @@ class EarlyStopping(_Strict):
 class SweepLink(_Strict):
     """Set on trials a sweep asked for: which search trial this is, and how to stop it early."""
 
-    optuna_trial_number: int = Field(..., ge=0)
+    optuna_trial_number: int = Field(..., ge=0, description="number of the trial in the Optuna study")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
 
 
 class TrialSpec(_Strict):
-    name: str = "trial"
-    trial_id: str | None = Field(None, description="stable id; generated when missing")
-    study: str | None = None
+    name: Id = Field("trial", description="label of the trial in the results table")
+    trial_id: Id | None = Field(None, description="stable id of the trial; generated when missing. Reusing an id "
+                                "re-records that trial")
+    study: Id | None = Field(None, description="group of trials (a sweep) this trial belongs to")
     model: ModelSpec = Field(default_factory=ModelSpec)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
-    baseline: BaselineSpec | None = None
+    baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     benchmark: BenchmarkOptions = Field(default_factory=BenchmarkOptions)
-    sweep: SweepLink | None = None
-    seed: int = Field(0, ge=0)
-    artifacts: str = Field("out/trials", description="artifact root: each trial gets a folder under it")
-    db: str = Field("sqlite:///out/pruneflow.db", description="results database SQLAlchemy URL")
-
-    @field_validator("name", "trial_id", "study")
-    @classmethod
-    def _ids(cls, v: str | None) -> str | None:
-        if v is not None and not _NAME_RE.match(v):
-            raise ValueError("must be 1-100 characters of letters, digits, '_', '.', '-', '@', '=' ")
-        return v
+    sweep: SweepLink | None = Field(None, description="set on the trials a sweep asks for")
+    seed: int = Field(0, ge=0, description="random seed of pruning and fine-tuning")
+    artifacts: str = Field("out/trials", description="artifact root folder: each trial gets a folder under it")
+    db: str = Field("sqlite:///out/pruneflow.db", description="SQLAlchemy URL of the results DB")
 
     @field_validator("db")
     @classmethod
@@ -167,12 +171,19 @@ class TrialSpec(_Strict):
         return Path(self.artifacts) / self.trial_id
 
 
+def error_message(err: dict) -> str:
+    """pydantic's message for one error, with the id rule in words instead of its regular expression."""
+    if err.get("type") == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == ID_PATTERN:
+        return f"must be {ID_RULE} (got {err.get('input')!r})"
+    return err["msg"]
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
         field = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "spec"
-        lines.append(f"{field}: {err['msg']}")
+        lines.append(f"{field}: {error_message(err)}")
     return "invalid trial spec:\n  " + "\n  ".join(lines)
 
 

@@ -1,5 +1,6 @@
-"""Airflow integration of pruneflow: operators, DAG-run conf mapping, failure recording.
+"""Airflow integration of pruneflow: the stage operators and the trigger forms (Params).
 
-Importing this package imports neither Airflow nor torch: `conf` is pure Python, and `operators`
-imports Airflow (not torch) at module level and the heavy pruneflow stages only inside `execute`.
+Importing this package imports neither Airflow nor torch: `params` builds the forms from the library's
+conf keys, and `operators` imports Airflow (not torch) at module level and the pruneflow stages only
+inside `execute`.
 """

@@ -7,14 +7,14 @@ later operator reads it from there (``spec_task_id``) unless it is given ``spec`
 return paths and a few numbers. The stages exchange their real data as files in the trial folder, so
 each task can run in a fresh process on another worker.
 
-Heavy modules (torch, openvino, and ``pruneflow.spec``, which imports torch through ``pruneflow.data``)
-are imported inside ``execute`` only: DAG files importing this module stay cheap to parse.
+Heavy modules (torch, openvino) are imported inside ``execute`` only: DAG files importing this module
+stay cheap to parse.
 
-Failures: every operator here has :func:`record_failure` as an ``on_failure_callback``. Airflow 3 runs
-it in the task process once the task has *finally* failed (not before a retry; also for an
-``execution_timeout``), and it marks the trial ``failed`` in the results DB with the stage and the
-reason (``pruneflow.stages.record`` with status ``failed``, keeping what the earlier stages measured,
-or ``pruneflow.stages.mark_failed``).
+What the operators add to the library is Airflow's: where the settings come from (``[pruneflow]``
+options), skipping after an abandoned retrain, and failing without retries on a bad spec. Failures:
+every operator has :func:`record_failure` as an ``on_failure_callback``; Airflow 3 runs it in the task
+process once the task has *finally* failed (not before a retry; also for an ``execution_timeout``), and
+it marks the trial ``failed`` with the stage and the reason (:func:`pruneflow.stages.record_failure`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, TriggerRule
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
-
-from pruneflow_airflow import conf as pf_conf
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -62,18 +58,13 @@ def _failure_reason(exc: BaseException | str | None, task: Any) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _write_error(spec: TrialSpec, stage: str, reason: str, exc: Any) -> None:
-    trial_dir = spec.trial_dir()
-    if trial_dir.is_dir():
-        (trial_dir / "error.json").write_text(json.dumps(
-            {"stage": stage, "reason": reason, "type": type(exc).__name__ if exc is not None else None}, indent=2))
-
-
 def record_failure(context: Context) -> None:
     """on_failure_callback: mark the trial failed in the results DB, with the stage and the reason.
 
     The spec is the one the failed task resolved; when it never got one (the conf itself is invalid),
-    the trial id and DB come from the conf / run id / configuration as best as they can."""
+    the trial is recorded from what the conf and the run id say, in the deployment's results DB."""
+    from pruneflow import stages
+
     ti = context.get("ti")
     task = context.get("task")
     exc = context.get("exception")
@@ -86,52 +77,18 @@ def record_failure(context: Context) -> None:
             spec = task.resolve_spec(context)
     try:
         if spec is not None:
-            _mark_failed(spec, stage, reason, log)
-            _write_error(spec, stage, reason, exc)
-            trial_id, db = spec.trial_id, spec.db
+            stages.record_failure(spec, stage, reason, type(exc).__name__ if isinstance(exc, BaseException) else None,
+                                  log.warning if log else stages._quiet)
+            trial_id = spec.trial_id
         else:
-            trial_id, db = _record_failure_without_spec(context, task, stage, reason)
+            conf = getattr(task, "_conf_used", None) or dict(context.get("params") or {})
+            trial_id = stages.record_conf_failure(conf, str(context.get("run_id") or "run"), stage, reason)
     except Exception:  # a callback must not hide the task's own error
         if log:
             log.exception("pruneflow: could not record the failure of %s in the results DB", stage)
         return
     if log:
-        log.info("pruneflow: trial %s marked failed in %s (%s: %s)", trial_id, db, stage, reason)
-
-
-def _mark_failed(spec: TrialSpec, stage: str, reason: str, log: Any) -> None:
-    """Record the trial as failed with everything the earlier stages measured (plan, masked Top-1, sizes):
-    ``stages.record`` with an explicit status; ``stages.mark_failed`` (status and reason only) when the
-    trial folder is not there."""
-    from pruneflow import stages
-
-    if spec.trial_dir().is_dir():
-        try:
-            stages.record(spec, status="failed", reason=f"{stage}: {reason}")
-            return
-        except Exception:
-            if log:
-                log.exception("pruneflow: could not record the failed trial's results; recording its status only")
-    stages.mark_failed(spec, stage, reason)
-
-
-def _record_failure_without_spec(context: Context, task: Any, stage: str, reason: str) -> tuple[str, str]:
-    from pruneflow.store import ResultsStore
-
-    conf = getattr(task, "_conf_used", None) or dict(context.get("params") or {})
-    trial_id = conf.get("trial_id")
-    if not (isinstance(trial_id, str) and pf_conf._ID_RE.match(trial_id)):
-        trial_id = pf_conf.trial_id_from_run_id(str(context.get("run_id") or "run"))
-    db = conf.get("db")
-    db = pf_conf._sqlite_absolute(db) if isinstance(db, str) and db else pf_conf.results_db()
-    name = conf.get("name") if isinstance(conf.get("name"), str) and pf_conf._ID_RE.match(conf["name"]) else "trial"
-    study = conf.get("study") if isinstance(conf.get("study"), str) else None
-    store = ResultsStore(db)
-    try:
-        store.upsert_trial(trial_id, status="failed", reason=f"{stage}: {reason}", name=name, study=study)
-    finally:
-        store.close()
-    return trial_id, db
+        log.info("pruneflow: trial %s marked failed (%s: %s)", trial_id, stage, reason)
 
 
 def _with_failure_recording(kwargs: dict) -> dict:
@@ -145,42 +102,14 @@ def _with_failure_recording(kwargs: dict) -> dict:
 
 
 def task_threads() -> int:
-    """Torch threads of one task: ``[pruneflow] task_threads``; ``auto`` (the default) = the CPU cores
-    // ``[core] parallelism`` (at least 1), so the task processes Airflow runs at once never ask for more
-    threads than there are cores (oversubscribed OpenMP threads spin against each other: on 2 cores with
-    two tasks at once, a rapid trial's torch stages ran 2-10x slower); ``0`` = torch's default (one a core)."""
+    """Torch threads of one task: ``[pruneflow] task_threads`` (default ``auto``: the cores divided by
+    ``[core] parallelism``, see :func:`pruneflow.threads.threads_per_task`)."""
     from airflow.configuration import conf as airflow_conf
 
-    raw = str(airflow_conf.get("pruneflow", "task_threads", fallback="auto")).strip().lower()
-    if raw in ("", "auto"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        parallelism = airflow_conf.getint("core", "parallelism", fallback=cores) or cores
-        return max(1, cores // parallelism)
-    try:
-        return max(0, int(raw))
-    except ValueError:
-        return 0
+    from pruneflow.threads import available_cores, threads_per_task
 
-
-@contextlib.contextmanager
-def torch_threads():
-    """Run the block with :func:`task_threads` torch threads; the previous count is restored after it
-    (a task run in-process, e.g. by ``dag.test()``, leaves the process as it found it)."""
-    n = task_threads()
-    if n <= 0:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    if before == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    parallelism = airflow_conf.getint("core", "parallelism", fallback=available_cores()) or available_cores()
+    return threads_per_task(airflow_conf.get("pruneflow", "task_threads", fallback="auto"), parallelism)
 
 
 def dataset_cache_dir() -> str | None:
@@ -198,26 +127,21 @@ def dataset_cache_dir() -> str | None:
 
 @contextlib.contextmanager
 def stage_environment(uses_torch: bool = True):
-    """What every stage runs in: :func:`torch_threads` (when it runs torch) and the data set cache."""
-    from pruneflow import stages
+    """What every stage runs in: its torch threads (when it runs torch) and the data set cache."""
+    from pruneflow.data import dataset_cache
+    from pruneflow.threads import torch_threads
 
-    with stages.dataset_cache(dataset_cache_dir()), torch_threads() if uses_torch else contextlib.nullcontext():
+    with dataset_cache(dataset_cache_dir()), torch_threads(task_threads()) if uses_torch else contextlib.nullcontext():
         yield
 
 
-def _spec_error(exc: Exception) -> AirflowFailException:
-    """A spec error is deterministic: fail without retrying."""
-    return AirflowFailException(str(exc))
-
-
 class ValidateTrialOperator(BaseOperator):
-    """Resolve the DAG run's conf (its Params) into a TrialSpec and check it before any work.
+    """Resolve the DAG run's conf (its Params) into a TrialSpec, within the deployment's limits, and check
+    it before any work: the data set, the model and the pruning globs (:func:`pruneflow.stages.check_plan`).
 
     Returns the spec as a JSON dict (XCom), with the trial id from the conf or derived from the run id.
-    With ``check_plan`` it also loads the data set, builds the model and matches the pruning globs, so a
-    typo fails here in seconds rather than after a baseline has been trained.
 
-    :param conf: the flat conf (see :data:`pruneflow_airflow.conf.DEFAULTS`); default: the run's params.
+    :param conf: the flat conf (see :mod:`pruneflow.trial_conf`); default: the run's params.
     """
 
     template_fields: Sequence[str] = ("conf",)
@@ -230,7 +154,9 @@ class ValidateTrialOperator(BaseOperator):
         self.check_plan = check_plan
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from pruneflow import stages
         from pruneflow.spec import SpecError
+        from pruneflow.trial_conf import spec_from_conf
 
         self._trial_spec = self._conf_used = None  # what record_failure reads: never a previous run's
         conf = self.conf if self.conf is not None else dict(context["params"])
@@ -238,31 +164,16 @@ class ValidateTrialOperator(BaseOperator):
             conf = json.loads(conf)
         self._conf_used = conf
         try:
-            spec = pf_conf.spec_from_conf(conf, context["run_id"])
-        except SpecError as exc:
-            raise _spec_error(exc) from None
-        self._trial_spec = spec
-        self.log.info("trial %s: spec resolved; artifacts %s, results DB %s, baseline %s",
-                      spec.trial_id, spec.trial_dir(), spec.db, spec.baseline.checkpoint)
-        if self.check_plan:
-            with stage_environment():
-                self._check_plan(spec)
+            spec = stages.resolve_spec(spec_from_conf(conf, context["run_id"]))
+            self._trial_spec = spec
+            self.log.info("trial %s: artifacts %s, results DB %s, baseline %s", spec.trial_id, spec.trial_dir(),
+                          spec.db, spec.baseline.checkpoint)
+            if self.check_plan:
+                with stage_environment():
+                    self.log.info("plan check: %s", stages.check_plan(spec))
+        except SpecError as exc:  # deterministic: fail without retrying
+            raise AirflowFailException(str(exc)) from None
         return spec.model_dump(mode="json")
-
-    def _check_plan(self, spec: TrialSpec) -> None:
-        from pruneflow.models import build_model
-        from pruneflow.prune import resolve_groups
-        from pruneflow.stages import _dataset, group_requests
-
-        try:
-            data = _dataset(spec)  # the data set, cached for the trial's later tasks
-            model = build_model(spec.model.name, data.in_channels, data.num_classes, **spec.model.kwargs)
-            shape = list(spec.model.input_shape or data.input_shape)
-            targets = resolve_groups(model, shape, group_requests(spec), spec.pruning.ignored_layers)
-        except (ValueError, TypeError) as exc:  # DatasetError, PlanError, unknown model / kwargs
-            raise AirflowFailException(f"invalid trial conf: {exc}") from None
-        self.log.info("plan check: %s on %s %s, %d layer(s) in %d group(s)", spec.model.name, data.name,
-                      shape, len(targets), len(spec.pruning.groups))
 
 
 class TrialStageOperator(BaseOperator):
@@ -270,31 +181,23 @@ class TrialStageOperator(BaseOperator):
 
     :param spec: the trial spec (dict or JSON string); default: the XCom of ``spec_task_id``.
     :param spec_task_id: the task whose return value is the spec (the ``validate`` task).
-    :param artifacts: override the spec's artifact root (e.g. a worker that mounts the volume elsewhere).
-    :param db: override the spec's results DB URL.
     """
 
-    template_fields: Sequence[str] = ("spec", "artifacts", "db")
+    template_fields: Sequence[str] = ("spec",)
     template_fields_renderers = {"spec": "json"}
-    #: the stage runs torch: it runs under :func:`torch_threads` (the torch-free ones never import torch)
+    #: the stage runs torch: it runs with the task's torch threads (the torch-free ones never import torch)
     uses_torch: bool = True
+    #: the library function of this stage: ``pruneflow.stages.<stage>(spec, progress)``
+    stage: str = ""
 
-    def __init__(
-        self,
-        *,
-        spec: dict[str, Any] | str | None = None,
-        spec_task_id: str = "validate",
-        artifacts: str | None = None,
-        db: str | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, spec: dict[str, Any] | str | None = None, spec_task_id: str = "validate",
+                 **kwargs: Any) -> None:
         super().__init__(**_with_failure_recording(kwargs))
         self.spec = spec
         self.spec_task_id = spec_task_id
-        self.artifacts = artifacts
-        self.db = db
 
     def resolve_spec(self, context: Context) -> TrialSpec:
+        from pruneflow import settings, stages
         from pruneflow.spec import SpecError, parse_spec
 
         data = self.spec
@@ -305,113 +208,50 @@ class TrialStageOperator(BaseOperator):
         if isinstance(data, str):
             data = json.loads(data)
         data = dict(data)
-        if self.artifacts:
-            data["artifacts"] = self.artifacts
-        if self.db:
-            data["db"] = self.db
         if not data.get("trial_id"):  # a spec given without id: every task of this run derives the same one
-            data["trial_id"] = pf_conf.trial_id_from_run_id(context["run_id"])
+            data["trial_id"] = settings.safe_id(context["run_id"])
         try:
-            return parse_spec(data)
+            return stages.resolve_spec(parse_spec(data))
         except SpecError as exc:
-            raise _spec_error(exc) from None
+            raise AirflowFailException(str(exc)) from None
 
     def progress(self, msg: str) -> None:
         self.log.info("%s", msg)
 
     def execute(self, context: Context) -> Any:
+        from pruneflow.spec import SpecError
+
         self._trial_spec = None  # what record_failure reads: never a previous run's
         spec = self.resolve_spec(context)
         self._trial_spec = spec
-        from pruneflow.spec import SpecError
-
         try:
             with stage_environment(self.uses_torch):
                 return self.run_stage(spec, context)
         except SpecError as exc:
-            raise _spec_error(exc) from None
+            raise AirflowFailException(str(exc)) from None
 
     def run_stage(self, spec: TrialSpec, context: Context) -> Any:
-        raise NotImplementedError
+        from pruneflow import stages
 
-
-def _abandoned(spec: TrialSpec) -> str | None:
-    """The reason the retrain stage abandoned this trial, or None (read from its epochs.json)."""
-    path = spec.trial_dir() / "epochs.json"
-    if not path.is_file():
-        return None
-    res = json.loads(path.read_text())
-    return (res.get("reason") or "abandoned") if res.get("abandoned") else None
+        return json.loads(json.dumps(getattr(stages, self.stage)(spec, self.progress), default=str))
 
 
 class EnsureBaselineOperator(TrialStageOperator):
-    """Make sure the spec's baseline checkpoint exists: train and register a *named* baseline (one in the
-    baselines folder, ``PRUNEFLOW_BASELINES``) the first time it is asked for; a missing explicit path
-    fails. Concurrent runs asking for the same new baseline train it once (a file lock), and a baseline
-    appears atomically (trained in a temporary folder, then renamed)."""
+    """Make sure the baseline exists: a named baseline is trained the first time it is asked for
+    (:func:`pruneflow.stages.ensure_baseline`); a missing explicit path fails."""
 
-    template_fields: Sequence[str] = (*TrialStageOperator.template_fields, "epochs", "lr")
     ui_color = "#fef7e0"
-    uses_torch = False  # only to train a missing baseline (see _train): a present one costs no torch import
-
-    def __init__(self, *, epochs: int | str = pf_conf.DEFAULTS["baseline_epochs"], lr: float | str = 0.05,
-                 batch_size: int = 64, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
+    uses_torch = False  # torch is imported only to train a missing baseline, with the task's threads
+    stage = "ensure_baseline"
 
     def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
-        ckpt = Path(spec.baseline.checkpoint)
-        if ckpt.is_file():
-            return self._existing(ckpt)
-        if not pf_conf.is_named_baseline(str(ckpt)):
-            raise AirflowFailException(
-                f"baseline: checkpoint {ckpt} not found; give a baseline name (trained into "
-                f"{pf_conf.baselines_root()} on first use) or train one with `pruneflow baseline --out DIR`")
-        try:
-            epochs, lr = int(self.epochs), float(self.lr)
-        except (TypeError, ValueError):
-            raise AirflowFailException(f"baseline_epochs / lr: not numbers ({self.epochs!r}, {self.lr!r})") from None
-        import fcntl
+        from pruneflow import stages
+        from pruneflow.threads import torch_threads
 
-        ckpt.parent.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = ckpt.parent.with_name(ckpt.parent.name + ".lock")
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # a second run waits here, then finds the baseline
-            if ckpt.is_file():
-                return self._existing(ckpt)
-            return self._train(spec, ckpt, epochs, lr)
-
-    def _existing(self, ckpt: Path) -> dict[str, Any]:
-        meta = ckpt.with_name("baseline.json")
-        info = json.loads(meta.read_text()) if meta.is_file() else {}
-        self.log.info("baseline: using %s (val Top-1 %s)", ckpt, info.get("val_top1", "?"))
-        return {"checkpoint": str(ckpt), "trained": False, "val_top1": info.get("val_top1")}
-
-    def _train(self, spec: TrialSpec, ckpt: Path, epochs: int, lr: float) -> dict[str, Any]:
-        from pruneflow.baseline import train_baseline
-
-        final = ckpt.parent
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.log.info("baseline: training %s on %s for %d epoch(s) -> %s", spec.model.name, spec.dataset.name,
-                      epochs, final)
-        try:
-            with torch_threads():
-                metrics = train_baseline(spec.model.name, spec.dataset, epochs, tmp, model_kwargs=spec.model.kwargs,
-                                         lr=lr, batch_size=self.batch_size, seed=spec.seed,
-                                         progress=lambda s: self.progress(f"baseline: {s}"))
-            metrics["checkpoint"] = str(ckpt)
-            (tmp / "baseline.json").write_text(json.dumps(metrics, indent=2))
-            if final.exists():  # an incomplete folder without baseline.pt: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.log.info("baseline: val Top-1 %.2f%%, test Top-1 %.2f%%", metrics["val_top1"], metrics["test_top1"])
-        return {"checkpoint": str(ckpt), "trained": True, "val_top1": metrics["val_top1"],
-                "test_top1": metrics["test_top1"], "epochs": epochs}
+        if os.path.isfile(spec.baseline.checkpoint):
+            return stages.ensure_baseline(spec, self.progress)
+        with torch_threads(task_threads()):
+            return stages.ensure_baseline(spec, self.progress)
 
 
 class PruneOperator(TrialStageOperator):
@@ -422,19 +262,14 @@ class PruneOperator(TrialStageOperator):
     def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
         from pruneflow import stages
 
-        prepared = stages.prepare(spec, self.progress)
-        return {**prepared, **stages.prune(spec, self.progress)}
+        return {**stages.prepare(spec, self.progress), **stages.prune(spec, self.progress)}
 
 
 class ThinnifyOperator(TrialStageOperator):
     """Remove the planned filters physically; checked to compute what the masked model computes."""
 
     ui_color = "#fce8e6"
-
-    def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
-        from pruneflow import stages
-
-        return stages.thinnify(spec, self.progress)
+    stage = "thinnify"
 
 
 class RetrainOperator(TrialStageOperator):
@@ -442,35 +277,24 @@ class RetrainOperator(TrialStageOperator):
     are then skipped and record marks the trial ``abandoned``."""
 
     ui_color = "#e6f4ea"
-
-    def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
-        from pruneflow import stages
-
-        return stages.retrain(spec, self.progress)
+    stage = "retrain"
 
 
 class _AfterRetrain(TrialStageOperator):
-    stage_fn: Callable[..., dict[str, Any]]
-
     def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
-        reason = _abandoned(spec)
+        from pruneflow import stages
+
+        reason = stages.abandoned_reason(spec)
         if reason:
             raise AirflowSkipException(f"trial {spec.trial_id} was abandoned in retrain: {reason}")
-        return self.call_stage(spec)
-
-    def call_stage(self, spec: TrialSpec) -> dict[str, Any]:
-        raise NotImplementedError
+        return super().run_stage(spec, context)
 
 
 class ExportOperator(_AfterRetrain):
     """ONNX + OpenVINO IR, parity-checked against torch; skipped when the trial was abandoned."""
 
     ui_color = "#f3e8fd"
-
-    def call_stage(self, spec: TrialSpec) -> dict[str, Any]:
-        from pruneflow import stages
-
-        return stages.export(spec, self.progress)
+    stage = "export"
 
 
 class BenchmarkOperator(_AfterRetrain):
@@ -479,11 +303,7 @@ class BenchmarkOperator(_AfterRetrain):
 
     ui_color = "#fff0e0"
     uses_torch = False
-
-    def call_stage(self, spec: TrialSpec) -> dict[str, Any]:
-        from pruneflow import stages
-
-        return stages.benchmark(spec, self.progress)
+    stage = "benchmark"
 
 
 class RecordOperator(TrialStageOperator):
@@ -492,13 +312,8 @@ class RecordOperator(TrialStageOperator):
 
     ui_color = "#e8eaed"
     uses_torch = False
+    stage = "record"
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", TriggerRule.NONE_FAILED)
         super().__init__(**kwargs)
-
-    def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
-        from pruneflow import stages
-
-        summary = stages.record(spec, self.progress)
-        return json.loads(json.dumps(summary, default=str))

@@ -58,7 +58,7 @@ BAD = [
     ("seed", -1, "seed", "greater than or equal to 0"),
     ("db", "not a url", "db", "SQLAlchemy URL"),
     ("trial_id", "a/b", "trial_id", "letters, digits"),
-    ("baseline.checkpoint", None, "baseline.checkpoint", "valid string"),
+    ("baseline.epochs", 0, "baseline.epochs", "greater than or equal to 1"),
     ("bogus", 1, "bogus", "Extra inputs are not permitted"),
 ]
 
