@@ -35,13 +35,13 @@ td:first-child,th:first-child{text-align:left}svg{max-width:100%;height:auto}</s
 
 
 def _db() -> str:
-    from pruneflow_airflow.conf import results_db
+    from pruneflow.settings import results_db
 
     return results_db()
 
 
 def _reports_root() -> Path:
-    from pruneflow_airflow.sweep_conf import reports_root
+    from pruneflow.settings import reports_root
 
     return reports_root()
 
