@@ -50,9 +50,17 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return front
 
 
-def feasible(sweep, rows: list[dict]) -> list[dict]:
-    from pruneflow.sweep import budget_ms
+def budget_ms(sweep, dense_latency: float | None) -> float | None:
+    """The sweep's latency budget in ms (a fraction budget needs the dense model's latency)."""
+    b = sweep.latency_budget
+    if b is None:
+        return None
+    if b.unit == "ms":
+        return b.value
+    return None if dense_latency is None else b.value * dense_latency
 
+
+def feasible(sweep, rows: list[dict]) -> list[dict]:
     ok = measured(rows)
     if sweep.objective == "top1_under_latency":
         dense = dense_row(rows)

@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pruneflow.airflow_cli import add_airflow_parser
     add_airflow_parser(sub)
+    from pruneflow.db_cli import add_db_parser
+    add_db_parser(sub)
     return p
 
 
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
-    except (ValueError, FileNotFoundError) as exc:  # spec, data, plan, checkpoint and settings errors
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # spec, data, model, plan, checkpoint, settings
         from pydantic import ValidationError
 
         if isinstance(exc, ValidationError):

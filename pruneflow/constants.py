@@ -30,5 +30,5 @@ DATASETS = ("digits", "cifar10", "imagefolder")
 
 
 def is_id(value: object) -> bool:
-    """True for a string that matches :data:`ID_PATTERN` and is not made of dots alone (never '.' or '..')."""
-    return isinstance(value, str) and bool(ID_RE.match(value)) and value.strip(".") != ""
+    """True for a string that is an id as a whole (``fullmatch``: ``$`` alone would let a trailing newline in)."""
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None

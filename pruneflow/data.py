@@ -17,9 +17,15 @@ given ``split_seed``. All user-facing problems raise :class:`DatasetError`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import os
 import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,8 +40,10 @@ __all__ = [
     "DatasetError",
     "DatasetSpec",
     "IMAGE_EXTENSIONS",
+    "dataset_cache",
     "list_datasets",
     "load_dataset",
+    "load_dataset_cached",
     "register_dataset",
 ]
 
@@ -58,17 +66,19 @@ class DatasetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["digits", "cifar10", "imagefolder"] = "digits"
-    #: Folder to read from; required for ``cifar10`` and ``imagefolder``, ignored for ``digits``.
-    path: str | None = None
-    #: Resize images to ``image_size`` x ``image_size``; ``None`` keeps the native size.
-    image_size: int | None = Field(32, ge=8, le=512)
-    val_fraction: float = Field(0.2, gt=0, lt=0.5)
-    #: Fraction held out for the test split (ignored by ``cifar10``, which has its own test batch).
-    test_fraction: float = Field(0.2, ge=0, lt=0.5)
-    split_seed: int = 0
-    #: Keep only the first k samples of a deterministic stratified permutation of the train split.
-    max_train_samples: int | None = Field(None, ge=1)
+    name: Literal["digits", "cifar10", "imagefolder"] = Field(
+        "digits", description="digits is built in; cifar10 and imagefolder read the folder given as path")
+    path: str | None = Field(None, description="folder to read from; required for cifar10 and imagefolder, "
+                             "ignored for digits")
+    image_size: int | None = Field(32, ge=8, le=512, description="images are resized to this many pixels square; "
+                                   "empty keeps the native size")
+    val_fraction: float = Field(0.2, gt=0, lt=0.5, description="fraction of the training data held out for "
+                                "validation")
+    test_fraction: float = Field(0.2, ge=0, lt=0.5, description="fraction held out for the test split (ignored by "
+                                 "cifar10, which has its own test batch)")
+    split_seed: int = Field(0, ge=0, description="seed of the train/val/test split")
+    max_train_samples: int | None = Field(None, ge=1, description="keep only the first k samples of a "
+                                          "deterministic stratified permutation of the train split")
 
     @model_validator(mode="after")
     def _check_path(self) -> DatasetSpec:
@@ -547,3 +557,91 @@ def _load_imagefolder(spec: DatasetSpec) -> DataSplits:
     train = _limit_train(train, spec)
     parts = {k: (x[idx], y[idx]) for k, idx in (("train", train), ("val", val), ("test", test))}
     return _assemble("imagefolder", parts, class_names, 1.0 / 255.0, size)
+
+
+# ----------------------------------------------------------------------------------------- caching
+
+#: Folder of the on-disk data set cache, or None (no disk cache). Set with :func:`dataset_cache`; the
+#: Airflow tasks use one so that each task process does not import scikit-learn and resize the data set
+#: again (about 1-2 s of CPU a task).
+_CACHE_DIR: Path | None = None
+#: Data sets whose content follows from their spec and the installed packages alone (no user folder that
+#: could change under the cache): only these are cached on disk.
+_DISK_CACHEABLE = ("digits",)
+
+
+@contextlib.contextmanager
+def dataset_cache(folder: str | Path | None):
+    """Within the block, built-in data sets are cached on disk in ``folder`` (None: not cached), keyed by
+    their spec, the source of this module and the versions of the packages that build them, so a changed
+    loader or package never serves stale tensors. Restores the previous setting after it."""
+    global _CACHE_DIR
+    before = _CACHE_DIR
+    _CACHE_DIR = Path(folder) if folder else None
+    try:
+        yield
+    finally:
+        _CACHE_DIR = before
+
+
+def _cache_file(spec: DatasetSpec, folder: Path | None) -> Path | None:
+    if folder is None or spec.name not in _DISK_CACHEABLE:
+        return None
+    h = hashlib.sha256(spec.model_dump_json().encode())
+    h.update(Path(__file__).read_bytes())
+    for pkg in ("torch", "numpy", "scikit-learn"):
+        try:
+            h.update(f"{pkg}={metadata.version(pkg)}".encode())
+        except metadata.PackageNotFoundError:
+            pass
+    return folder / f"{spec.name}-{h.hexdigest()[:20]}.pt"
+
+
+def _read_cache(path: Path) -> DataSplits | None:
+    if not path.is_file():
+        return None
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return DataSplits(**{**payload, **{k: tuple(payload[k]) for k in ("train", "val", "test", "mean", "std")}})
+    except Exception:  # unreadable (a torn or foreign file): load from the source and rewrite it
+        return None
+
+
+def _load_disk_cached(spec: DatasetSpec, folder: Path | None) -> DataSplits:
+    path = _cache_file(spec, folder)
+    if path is None:
+        return load_dataset(spec)
+    data = _read_cache(path)
+    if data is not None:
+        return data
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent tasks that miss the cache wait for the first one to build the data set, not all build it.
+    with FileLock(str(path) + ".lock"):
+        data = _read_cache(path)
+        if data is not None:
+            return data
+        data = load_dataset(spec)
+        import torch
+
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save({f.name: getattr(data, f.name) for f in dataclasses.fields(data)}, tmp)
+            tmp.replace(path)  # atomic: a reader without the lock sees the old file, the new one or none
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return data
+
+
+@functools.lru_cache(maxsize=4)
+def _load_memory_cached(spec_json: str, folder: Path | None) -> DataSplits:
+    return _load_disk_cached(DatasetSpec.model_validate_json(spec_json), folder)
+
+
+def load_dataset_cached(spec: DatasetSpec) -> DataSplits:
+    """:func:`load_dataset`, loaded once per process (the stages of an in-process trial share it), and once
+    per machine for the built-in data sets within :func:`dataset_cache`. Callers must not modify the tensors."""
+    return _load_memory_cached(spec.model_dump_json(), _CACHE_DIR)

@@ -112,7 +112,7 @@ def resolve_baseline(value: str | None, model: str, dataset: str, image_size: in
     value = (value or "").strip() or baseline_name(model, dataset, image_size, model_kwargs)
     if is_baseline_path(value):
         return under_home(value)
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise ValueError(f"a baseline name must be {ID_RULE} (or give the path of a .pt checkpoint)")
     return str(Path(baselines_root()) / value / "baseline.pt")
 

@@ -9,8 +9,6 @@ Heavy libraries are imported inside the stages: the benchmark stage must run wit
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import os
 import platform
@@ -80,93 +78,126 @@ def group_requests(spec: TrialSpec):
     return reqs
 
 
-#: Folder of the on-disk data set cache, or None (the default: no disk cache). Set with
-#: :func:`dataset_cache`; the Airflow tasks use one so that each task process does not import
-#: scikit-learn and resize the data set again (about 1-2 s of CPU a task).
-_DATASET_CACHE_DIR: Path | None = None
-#: Data sets whose content follows from their spec and the installed packages alone (no user folder
-#: that could change under the cache): only these are cached on disk.
-_DISK_CACHEABLE = ("digits",)
-
-
-@contextlib.contextmanager
-def dataset_cache(folder: str | Path | None):
-    """Within the block, built-in data sets are cached on disk in ``folder`` (None: not cached), keyed by
-    their spec, the source of :mod:`pruneflow.data` and the versions of the packages that build them, so
-    a changed loader or package never serves stale tensors. Restores the previous setting after it."""
-    global _DATASET_CACHE_DIR
-    before = _DATASET_CACHE_DIR
-    _DATASET_CACHE_DIR = Path(folder) if folder else None
-    try:
-        yield
-    finally:
-        _DATASET_CACHE_DIR = before
-
-
-def _dataset_cache_file(dataset: dict) -> Path | None:
-    if _DATASET_CACHE_DIR is None or dataset.get("name") not in _DISK_CACHEABLE:
-        return None
-    import hashlib
-
-    from pruneflow import data as data_module
-
-    h = hashlib.sha256(json.dumps(dataset, sort_keys=True).encode())
-    h.update(Path(data_module.__file__).read_bytes())
-    for pkg in ("torch", "numpy", "scikit-learn"):
-        try:
-            h.update(f"{pkg}={metadata.version(pkg)}".encode())
-        except metadata.PackageNotFoundError:
-            pass
-    return _DATASET_CACHE_DIR / f"{dataset['name']}-{h.hexdigest()[:20]}.pt"
-
-
-def _load_dataset_disk_cached(dataset: dict):
-    from pruneflow.data import DataSplits, load_dataset
-
-    path = _dataset_cache_file(dataset)
-    if path is not None and path.is_file():
-        import torch
-
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            return DataSplits(**{**payload, "train": tuple(payload["train"]), "val": tuple(payload["val"]),
-                                 "test": tuple(payload["test"]), "mean": tuple(payload["mean"]),
-                                 "std": tuple(payload["std"])})
-        except Exception:  # unreadable (a torn or foreign file): load from the source and rewrite it
-            pass
-    data = load_dataset(dataset)
-    if path is not None:
-        import dataclasses
-
-        import torch
-
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({f.name: getattr(data, f.name) for f in dataclasses.fields(data)}, tmp)
-            tmp.replace(path)  # atomic: a concurrent reader sees the old file, the new one or none
-        except OSError:
-            tmp.unlink(missing_ok=True)
-    return data
-
-
-@functools.lru_cache(maxsize=4)
-def _dataset_cached(dataset_json: str, cache_dir: Path | None):
-    return _load_dataset_disk_cached(json.loads(dataset_json))
-
-
 def _dataset(spec: TrialSpec):
-    """The trial's data set, loaded once per process (stages of an in-process trial share it), and once
-    per machine for the built-in ones within :func:`dataset_cache`."""
-    return _dataset_cached(spec.dataset.model_dump_json(), _DATASET_CACHE_DIR)
+    from pruneflow.data import load_dataset_cached
+
+    return load_dataset_cached(spec.dataset)
+
+
+#: What each stage writes into the trial folder. A stage removes its own files and those of every later
+#: stage before it runs, so an attempt never records what an earlier attempt left behind.
+STAGE_FILES = {
+    "prepare": ("spec.json",),
+    "prune": ("plan.json", "masked_metrics.json"),
+    "thinnify": ("thin.json", "thinned.pt"),
+    "retrain": ("epochs.json", "finetuned.pt"),
+    "export": ("model.onnx", "model.onnx.data", "model.xml", "model.bin", "parity.json", "reference.npz"),
+    "benchmark": ("latency.json",),
+    "record": ("result.json", "error.json"),
+}
+
+
+def _start_stage(trial_dir: Path, stage: str) -> None:
+    order = list(STAGE_FILES)
+    for later in order[order.index(stage):]:
+        for name in STAGE_FILES[later]:
+            (trial_dir / name).unlink(missing_ok=True)
+
+
+def resolve_spec(spec: TrialSpec) -> TrialSpec:
+    """The spec with its trial id and its baseline checkpoint resolved: no checkpoint or a name means the
+    named baseline in the baselines folder (:mod:`pruneflow.settings`), trained on first use."""
+    from pruneflow import settings
+
+    spec = spec.with_id()
+    value = spec.baseline.checkpoint
+    if value and settings.is_baseline_path(value):
+        return spec
+    try:
+        ckpt = settings.resolve_baseline(value, spec.model.name, spec.dataset.name, spec.dataset.image_size,
+                                         spec.model.kwargs)
+    except ValueError as exc:
+        raise SpecError(f"baseline.checkpoint: {exc}") from None
+    return spec.model_copy(update={"baseline": spec.baseline.model_copy(update={"checkpoint": ckpt})})
+
+
+def check_plan(spec: TrialSpec) -> dict:
+    """Before any training: the data set loads, the model builds and every pruning glob matches a layer.
+    Raises SpecError naming what is wrong."""
+    from pruneflow.models import build_model
+    from pruneflow.prune import resolve_groups
+
+    try:
+        data = _dataset(spec)
+        model = build_model(spec.model.name, data.in_channels, data.num_classes, **spec.model.kwargs)
+        shape = list(spec.model.input_shape or data.input_shape)
+        targets = resolve_groups(model, shape, group_requests(spec), spec.pruning.ignored_layers)
+    except (ValueError, TypeError) as exc:  # DatasetError, PlanError, ScheduleError, unknown model / kwargs
+        raise SpecError(f"invalid trial: {exc}") from None
+    return {"model": spec.model.name, "dataset": data.name, "input_shape": shape, "layers": len(targets),
+            "groups": len(group_requests(spec))}
+
+
+def _baseline_info(ckpt: Path) -> dict:
+    meta = ckpt.with_name("baseline.json")
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    return {"checkpoint": str(ckpt), "trained": False, "val_top1": info.get("val_top1")}
+
+
+def ensure_baseline(spec: TrialSpec, progress: Progress = _quiet) -> dict:
+    """Make sure the spec's baseline checkpoint exists: a *named* baseline (one in the baselines folder) is
+    trained the first time it is asked for; a missing explicit path fails. Concurrent trials asking for the
+    same new baseline train it once (a file lock), and it appears atomically (trained in a temporary
+    folder, then renamed). Torch is imported only to train."""
+    from pruneflow import settings
+
+    ckpt = Path(spec.baseline.checkpoint)
+    if ckpt.is_file():
+        return _baseline_info(ckpt)
+    if not settings.is_named_baseline(str(ckpt)):
+        raise SpecError(
+            f"baseline.checkpoint: {ckpt} not found; give a baseline name (trained into "
+            f"{settings.baselines_root()} on first use) or train one with `pruneflow baseline --out DIR`")
+    from filelock import FileLock
+
+    ckpt.parent.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(ckpt.parent) + ".lock"):  # a second trial waits here, then finds the baseline
+        if ckpt.is_file():
+            return _baseline_info(ckpt)
+        return _train_named_baseline(spec, ckpt, progress)
+
+
+def _train_named_baseline(spec: TrialSpec, ckpt: Path, progress: Progress) -> dict:
+    import shutil
+
+    from pruneflow.baseline import train_baseline
+
+    final = ckpt.parent
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    b = spec.baseline
+    progress(f"baseline: training {spec.model.name} on {spec.dataset.name} for {b.epochs} epoch(s) -> {final}")
+    try:
+        metrics = train_baseline(spec.model.name, spec.dataset, b.epochs, tmp, model_kwargs=spec.model.kwargs,
+                                 lr=b.lr, seed=spec.seed, progress=lambda m: progress(f"baseline: {m}"))
+        metrics["checkpoint"] = str(ckpt)
+        (tmp / "baseline.json").write_text(json.dumps(metrics, indent=2))
+        if final.exists():  # an incomplete folder without baseline.pt: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"baseline: val Top-1 {metrics['val_top1']:.2f}%, test Top-1 {metrics['test_top1']:.2f}%")
+    return {"checkpoint": str(ckpt), "trained": True, "val_top1": metrics["val_top1"],
+            "test_top1": metrics["test_top1"], "epochs": b.epochs}
 
 
 def _load_baseline(spec: TrialSpec):
     """The baseline model and the data set, checked to fit each other."""
     from pruneflow.checkpoint import load_checkpoint
 
-    if spec.baseline is None:
-        raise SpecError("baseline.checkpoint: required; train one with `pruneflow baseline --out DIR`")
+    if not spec.baseline.checkpoint:
+        raise SpecError("baseline.checkpoint: not resolved; call resolve_spec() first")
     model, payload = load_checkpoint(spec.baseline.checkpoint)
     data = _dataset(spec)
     ref = payload["model"]
@@ -188,6 +219,7 @@ def prepare(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     spec = spec.with_id()
     trial_dir = spec.trial_dir()
     trial_dir.mkdir(parents=True, exist_ok=True)
+    _start_stage(trial_dir, "prepare")
     _load_baseline(spec)
     group_requests(spec)  # a Distiller schedule that cannot be read fails here, before any work
     (trial_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
@@ -211,6 +243,7 @@ def prune(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     from pruneflow.train import evaluate
 
     trial_dir = spec.trial_dir()
+    _start_stage(trial_dir, 'prune')
     model, payload, data = _load_baseline(spec)
     torch.manual_seed(spec.seed)
     reqs = group_requests(spec)
@@ -244,6 +277,7 @@ def thinnify(spec: TrialSpec, progress: Progress = _quiet, tolerance: float = 1e
     from pruneflow.prune import count_params_and_macs, masked_copy, max_output_difference, thin
 
     trial_dir = spec.trial_dir()
+    _start_stage(trial_dir, 'thinnify')
     model, payload, data = _load_baseline(spec)
     plan = _read(trial_dir, "plan.json")
     shape = payload["input_shape"]
@@ -278,6 +312,7 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
     from pruneflow.train import TrainOptions, chance_rule, evaluate, train
 
     trial_dir = spec.trial_dir()
+    _start_stage(trial_dir, 'retrain')
     model, payload = load_checkpoint(trial_dir / "thinned.pt")
     data = _dataset(spec)
     ft = spec.finetune
@@ -322,6 +357,7 @@ def export(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     from pruneflow.export import ParityError, check_parity, export_onnx, export_openvino, save_reference
 
     trial_dir = spec.trial_dir()
+    _start_stage(trial_dir, 'export')
     ckpt = _read(trial_dir, "epochs.json")["checkpoint"]
     model, payload = load_checkpoint(ckpt)
     shape = payload["input_shape"]
@@ -356,9 +392,14 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet) -> dict:
                      progress=lambda s: progress(f"benchmark: {s}"))
     _write(trial_dir, "latency.json", result)
     lat = result["latency_ms"]
+    tput = result["throughput"]
+    extra = (f", {tput['fps']:.1f} fps with {tput['requests']} requests in flight"
+             if tput["method"] == "async_queue" else "")
     progress(f"benchmark: median {lat['median']:.3f} ms (p90 {lat['p90']:.3f}, CV of round medians "
-             f"{100 * result['round_median_cv']:.1f}%) on {opts.backend}/{opts.device}")
-    return {"latency_median_ms": lat["median"], "latency_p90_ms": lat["p90"], "round_median_cv": result["round_median_cv"]}
+             f"{100 * result['round_median_cv']:.1f}%){extra} on {opts.backend}/{opts.device} "
+             f"at {result['inference_precision'] or opts.precision}")
+    return {"latency_median_ms": lat["median"], "latency_p90_ms": lat["p90"], "round_median_cv": result["round_median_cv"],
+            "throughput_fps": result["throughput_fps"], "inference_precision": result["inference_precision"]}
 
 
 def collect(trial_dir: Path) -> dict:
@@ -433,11 +474,60 @@ def mark_failed(spec: TrialSpec, stage: str, reason: str) -> None:
         store.close()
 
 
+def record_failure(spec: TrialSpec, stage: str, reason: str, error_type: str | None = None,
+                   log: Callable[[str], None] = _quiet) -> None:
+    """Mark the trial failed in the results DB with the stage and the reason, keeping everything this attempt's
+    earlier stages measured (plan, masked Top-1, sizes), and write error.json into the trial folder."""
+    trial_dir = spec.trial_dir()
+    recorded = False
+    if trial_dir.is_dir():
+        try:
+            record(spec, status="failed", reason=f"{stage}: {reason}")
+            recorded = True
+        except Exception as exc:  # e.g. a torn file: the status and the reason still get recorded
+            log(f"could not record the failed trial's results ({exc}); recording its status only")
+        _write(trial_dir, "error.json", {"stage": stage, "reason": reason, "type": error_type})
+    if not recorded:
+        mark_failed(spec, stage, reason)
+
+
+def record_conf_failure(conf: dict, run_id: str, stage: str, reason: str) -> str:
+    """Record a trial failed whose conf never became a spec (it was invalid): under the conf's trial id
+    when that is a valid id, else one derived from the run id, in the deployment's results DB (never a DB
+    the conf names). Returns the trial id."""
+    from pruneflow import settings
+    from pruneflow.constants import ID_RE
+    from pruneflow.store import ResultsStore
+
+    def _id(value: object) -> str | None:
+        return value if isinstance(value, str) and ID_RE.fullmatch(value) else None
+
+    trial_id = _id(conf.get("trial_id")) or settings.safe_id(run_id)
+    store = ResultsStore(settings.results_db())
+    try:
+        store.upsert_trial(trial_id, status="failed", reason=f"{stage}: {reason}", name=_id(conf.get("name")) or "trial",
+                           study=_id(conf.get("study")))
+    finally:
+        store.close()
+    return trial_id
+
+
+def abandoned_reason(spec: TrialSpec) -> str | None:
+    """The reason the retrain stage abandoned this trial, or None (read from its epochs.json)."""
+    path = spec.trial_dir() / "epochs.json"
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    return (res.get("reason") or "abandoned") if res.get("abandoned") else None
+
+
 def run_trial(spec: TrialSpec, progress: Progress = _quiet) -> dict:
-    """All stages in-process. Raises TrialFailed (after recording the failure) if a stage fails."""
-    spec = spec.with_id()
+    """All stages in-process, the named baseline trained first if it does not exist yet (as the DAG does).
+    Raises TrialFailed (after recording the failure) if a stage fails."""
+    spec = resolve_spec(spec)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    ensure_baseline(spec, progress)
     prepare(spec, progress)
     timings["prepare"] = time.perf_counter() - t0
     stage = "prune"
@@ -454,8 +544,7 @@ def run_trial(spec: TrialSpec, progress: Progress = _quiet) -> dict:
         timings["record"] = time.perf_counter() - t
     except Exception as exc:
         reason = str(exc) or type(exc).__name__
-        mark_failed(spec, stage, reason)
-        _write(spec.trial_dir(), "error.json", {"stage": stage, "reason": reason, "type": type(exc).__name__})
+        record_failure(spec, stage, reason, type(exc).__name__, progress)
         raise TrialFailed(stage, reason) from exc
     summary["timings_s"] = timings
     summary["total_s"] = time.perf_counter() - t0

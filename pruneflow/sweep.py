@@ -13,12 +13,13 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pruneflow.analysis import best_rows, budget_ms, study_rows
+from pruneflow.constants import MAX_SPARSITY
 from pruneflow.spec import (
-    _NAME_RE,
-    MAX_SPARSITY,
     EarlyStopping,
+    Id,
     TrialSpec,
     format_validation_error,
     parse_spec,
@@ -35,11 +36,11 @@ class _Strict(BaseModel):
 
 
 class SparsityRange(_Strict):
-    name: str
-    patterns: list[str] = Field(..., min_length=1)
-    low: float = Field(0.0, ge=0.0, le=MAX_SPARSITY)
-    high: float = Field(..., ge=0.0, le=MAX_SPARSITY)
-    step: float | None = Field(None, gt=0, le=MAX_SPARSITY)
+    name: Id = Field(..., description="group name, e.g. layer3")
+    patterns: list[str] = Field(..., min_length=1, description="glob patterns over layer names")
+    low: float = Field(0.0, ge=0.0, le=MAX_SPARSITY, description="lowest sparsity searched")
+    high: float = Field(..., ge=0.0, le=MAX_SPARSITY, description="highest sparsity searched")
+    step: float | None = Field(None, gt=0, le=MAX_SPARSITY, description="grid step (needed by the grid sampler)")
 
     @model_validator(mode="after")
     def _order(self) -> SparsityRange:
@@ -53,30 +54,29 @@ class SparsityRange(_Strict):
 
 
 class LatencyBudget(_Strict):
-    value: float = Field(..., gt=0)
+    value: float = Field(..., gt=0, description="the budget, in the unit below")
     unit: Literal["ms", "fraction"] = Field(..., description="ms, or a fraction of the dense model's latency")
 
 
 class SweepSpec(_Strict):
-    study: str
+    study: Id = Field(..., description="name of the study; an existing study is continued")
     base: dict[str, Any] = Field(default_factory=dict, description="trial spec every trial starts from")
-    space: list[SparsityRange] = Field(..., min_length=1)
-    objective: Objective = "pareto"
-    latency_budget: LatencyBudget | None = None
-    top1_floor: float | None = Field(None, ge=0, le=100)
-    sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
+    space: list[SparsityRange] = Field(..., min_length=1, description="the sparsity range of each group")
+    objective: Objective = Field(
+        "pareto", description="latency (minimise), top1 (maximise), top1_under_latency (needs a latency budget), "
+        "latency_over_top1 (needs a Top-1 floor) or pareto (both)")
+    latency_budget: LatencyBudget | None = Field(
+        None, description="for top1_under_latency: {value, unit: ms | fraction of the dense model's latency}")
+    top1_floor: float | None = Field(None, ge=0, le=100, description="for latency_over_top1: the lowest acceptable "
+                                     "Top-1 (percent)")
+    sampler: Literal["tpe", "random", "grid", "nsga2"] = Field(
+        "tpe", description="tpe (multi-objective TPE for pareto), random, grid (needs a step on every range) or "
+        "nsga2")
     n_trials: int = Field(24, ge=1, le=100_000, description="trials to run in this invocation")
     parallel: int = Field(2, ge=1, le=64, description="trials per round, run at once")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="sampler seed")
     include_dense: bool = Field(True, description="measure the dense model first (reference and Pareto mark)")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
-
-    @field_validator("study")
-    @classmethod
-    def _study(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("must be 1-100 characters of letters, digits, '_', '.', '-', '@', '='")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
@@ -230,15 +230,6 @@ def _dense_latency(study) -> float | None:
     return None
 
 
-def budget_ms(sweep: SweepSpec, dense_latency: float | None) -> float | None:
-    b = sweep.latency_budget
-    if b is None:
-        return None
-    if b.unit == "ms":
-        return b.value
-    return None if dense_latency is None else b.value * dense_latency
-
-
 def objective_values(sweep: SweepSpec, latency: float, top1: float) -> list[float]:
     return {"latency": [latency], "top1": [top1], "top1_under_latency": [top1], "latency_over_top1": [latency],
             "pareto": [latency, top1]}[sweep.objective]
@@ -340,7 +331,6 @@ def run_sweep(sweep: SweepSpec, progress: Progress = lambda _m: None,
 
 
 def summarize(sweep: SweepSpec) -> dict:
-    from pruneflow.analysis import best_rows, study_rows
 
     rows = study_rows(storage_url(sweep), sweep.study)
     return {"study": sweep.study, "objective": sweep.objective, "trials": len(rows),

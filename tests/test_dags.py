@@ -17,7 +17,8 @@ from pathlib import Path
 import airflow_env
 import pytest
 
-from pruneflow_airflow import conf as pf_conf
+from pruneflow import settings, trial_conf
+from pruneflow.constants import ID_RE
 
 TASKS = ["validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "benchmark", "record"]
 # a rapid trial on a tiny baseline: 16x16 digits, 1 epoch on 256 samples; short benchmark
@@ -71,13 +72,11 @@ def _states(dr) -> dict[str, str]:
 # ---------------------------------------------------------------- conf -> spec (no Airflow needed)
 
 def test_conf_defaults_are_the_embedded_default_rapid_trial(monkeypatch, tmp_path):
-    from pruneflow import spec as pf_spec
-
     monkeypatch.setenv("PRUNEFLOW_ARTIFACTS", str(tmp_path / "a"))
     monkeypatch.setenv("PRUNEFLOW_DB", "sqlite:///rel/results.db")
     monkeypatch.setenv("PRUNEFLOW_BASELINES", str(tmp_path / "b"))
     monkeypatch.setenv("PRUNEFLOW_HOME", str(tmp_path))
-    spec = pf_conf.spec_from_conf({}, "manual__2026-11-02T10:00:00.123456+00:00")
+    spec = trial_conf.spec_from_conf({}, "manual__2026-11-02T10:00:00.123456+00:00")
     assert spec.trial_id == "manual__2026-11-02T10_00_00.123456_00_00"
     assert (spec.model.name, spec.dataset.name, spec.dataset.image_size) == ("resnet20", "digits", 32)
     assert [(g.name, g.patterns, g.sparsity) for g in spec.pruning.groups] == [
@@ -86,23 +85,23 @@ def test_conf_defaults_are_the_embedded_default_rapid_trial(monkeypatch, tmp_pat
     assert spec.artifacts == str(tmp_path / "a")
     assert spec.db == f"sqlite:///{tmp_path}/rel/results.db"  # relative to the project home, not the cwd
     assert spec.baseline.checkpoint == str(tmp_path / "b" / "resnet20-digits-32" / "baseline.pt")
-    assert pf_conf.CRITERIA == pf_spec.CRITERIA and pf_conf.MAX_SPARSITY == pf_spec.MAX_SPARSITY
 
-    s = pf_conf.spec_from_conf({"sparsities": {"layer3": 0.75}, "trial_id": "mine", "baseline": "/x/b.pt",
-                                "spec_overrides": {"finetune": {"batch_size": 32}}}, "ignored")
+    mine = str(tmp_path / "b" / "mine.pt")
+    s = trial_conf.spec_from_conf({"sparsities": {"layer3": 0.75}, "trial_id": "mine", "baseline": mine,
+                                   "spec_overrides": {"finetune": {"batch_size": 32}}}, "ignored")
     assert [g.sparsity for g in s.pruning.groups] == [0.5, 0.5, 0.75]
-    assert (s.trial_id, s.baseline.checkpoint, s.finetune.batch_size) == ("mine", "/x/b.pt", 32)
+    assert (s.trial_id, s.baseline.checkpoint, s.finetune.batch_size) == ("mine", mine, 32)
 
 
 def test_trial_id_from_run_id_is_stable_and_valid():
     long = "scheduled__" + "x" * 200
     for run_id in ("manual__2026-11-02T10:00:00+00:00", "__weird run/id:1", long, "+++"):
-        tid = pf_conf.trial_id_from_run_id(run_id)
-        assert tid == pf_conf.trial_id_from_run_id(run_id)
-        assert pf_conf._ID_RE.match(tid), tid
-    assert pf_conf.trial_id_from_run_id(long) != pf_conf.trial_id_from_run_id(long + "y")
+        tid = settings.safe_id(run_id)
+        assert tid == settings.safe_id(run_id)
+        assert ID_RE.match(tid), tid
+    assert settings.safe_id(long) != settings.safe_id(long + "y")
     # a cleared form field ("") counts as not set
-    spec = pf_conf.spec_from_conf({"trial_id": "", "study": "", "baseline": ""}, "manual__x")
+    spec = trial_conf.spec_from_conf({"trial_id": "", "study": "", "baseline": ""}, "manual__x")
     assert (spec.trial_id, spec.study) == ("manual__x", None)
 
 
@@ -115,11 +114,11 @@ def test_spec_from_conf_names_the_conf_key():
         ({"sparsities": {"layer9": 0.1}}, "sparsities.layer9: no group named 'layer9'"),
         ({"groups": [{"name": "a", "patterns": ["x"], "sparsity": 1.5}]}, "groups.0.sparsity: Input should be less"),
         ({"device": "cpu"}, "device: Value error, device 'cpu'"),
-        ({"spec_overrides": {"finetune": {"batch_size": 0}}}, "spec_overrides.finetune.batch_size"),
+        ({"spec_overrides": {"finetune": {"batch_size": 0}}}, "(spec field finetune.batch_size)"),
     ]
     for conf, expected in cases:
         with pytest.raises(SpecError) as exc:
-            pf_conf.spec_from_conf(conf, "r")
+            trial_conf.spec_from_conf(conf, "r")
         assert expected in str(exc.value), (conf, str(exc.value))
 
 
@@ -138,8 +137,8 @@ def test_dag_folder_imports_and_prune_trial_reads_like_the_pipeline(dagbag, dag)
     assert (bench.pool, bench.queue) == ("benchmark_cpu", "default")
     # every user-facing field is a typed Param whose default is the configured default
     params = dag.params
-    assert set(params.keys()) == set(pf_conf.DEFAULTS)
-    for key, default in pf_conf.DEFAULTS.items():
+    assert set(params.keys()) == set(trial_conf.defaults())
+    for key, default in trial_conf.defaults().items():
         p = params.get_param(key)
         assert p.value == default, key
         assert p.schema.get("type") and p.description, key
@@ -152,7 +151,7 @@ def test_dag_files_parse_without_torch_and_take_queue_and_pool_from_config(af_en
         f"bag = DagBag(dag_folder={str(airflow_env.DAGS)!r})\n"
         "t = bag.dags['prune_trial'].task_dict['benchmark']\n"
         "print(json.dumps({'errors': list(bag.import_errors), 'heavy': sorted(m for m in ('torch', 'openvino', "
-        "'onnxruntime', 'torch_pruning', 'pruneflow.spec', 'pruneflow.stages') if m in sys.modules), "
+        "'onnxruntime', 'torch_pruning', 'pruneflow.stages') if m in sys.modules), "
         "'queue': t.queue, 'pool': t.pool}))\n"
     )
     env = {**os.environ, "AIRFLOW__PRUNEFLOW__BENCHMARK_QUEUE": "npu-host-1",
@@ -199,7 +198,7 @@ T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 def trial_run(dag):
     """One rapid trial through prune_trial, on a baseline that ensure_baseline trains (tiny)."""
     dr = _test(dag, run_conf=FAST, logical_date=T0, run_after=T0)
-    return dr, pf_conf.trial_id_from_run_id(dr.run_id)
+    return dr, settings.safe_id(dr.run_id)
 
 
 def test_rapid_trial_end_to_end_is_recorded(trial_run):
