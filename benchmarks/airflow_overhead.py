@@ -153,7 +153,8 @@ class Servers:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = base_env(code)
         self.env.update(PRUNEFLOW_ARTIFACTS=str(root / "trials"), PRUNEFLOW_DB=f"sqlite:///{root / 'results.db'}",
-                        PRUNEFLOW_BASELINES=str(root / "baselines"), PRUNEFLOW_REPORTS=str(root / "reports"))
+                        PRUNEFLOW_BASELINES=str(OUT), PRUNEFLOW_REPORTS=str(root / "reports"))
+        # PRUNEFLOW_BASELINES holds the shared baseline of out/bench/: a conf may name a checkpoint under it
         for key, value in overrides.items():
             section, name = key.split(".", 1)
             self.env[f"AIRFLOW__{section.upper()}__{name.upper()}"] = value

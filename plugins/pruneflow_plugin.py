@@ -13,7 +13,6 @@ is rebuilt only when its trials changed since the last build (see :func:`prunefl
 
 from __future__ import annotations
 
-import fcntl
 import html
 import json
 import os
@@ -85,13 +84,11 @@ def _report_file(study: str, name: str) -> Path:
 @contextmanager
 def _building(root: Path):
     """One report build at a time: across the threads of this server, and its worker processes."""
+    from filelock import FileLock
+
     root.mkdir(parents=True, exist_ok=True)
-    with _build_lock, open(root / ".build.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with _build_lock, FileLock(str(root / ".build.lock")):
+        yield
 
 
 def _current_summary(out: Path, source: dict) -> dict | None:

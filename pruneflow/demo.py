@@ -76,7 +76,7 @@ def ensure_baseline(out: Path, epochs: int, progress) -> Path:
     from pruneflow.baseline import train_baseline
     from pruneflow.data import DatasetSpec
 
-    base_dir = out / "baseline"
+    base_dir = out / "baselines" / "resnet20-digits-32"  # the named baseline the Airflow demos find
     baseline = base_dir / "baseline.pt"
     meta = base_dir / "baseline.json"
     if baseline.is_file() and meta.is_file() and json.loads(meta.read_text()).get("epochs") == epochs:

@@ -168,6 +168,7 @@ def test_dag_files_parse_without_torch_and_take_queue_and_pool_from_config(af_en
     ({"sparsities": {"layer3": 1.5}}, "sparsities"),
     ({"criterion": "foo"}, "criterion"),
     ({"image_size": 4}, "image_size"),
+    ({"model": "os:system", "model_kwargs": {"command": "touch marker"}}, "model"),  # no code from a conf
 ])
 def test_params_refuse_bad_values_at_trigger_time(dag, conf, param):
     from airflow.sdk.exceptions import ParamValidationError
