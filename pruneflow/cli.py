@@ -103,6 +103,17 @@ def cmd_trial(args) -> int:
     return 0
 
 
+def cmd_conf(args) -> int:
+    if args.sweep:
+        from pruneflow.sweep_conf import sweep_conf_keys as keys
+    else:
+        from pruneflow.trial_conf import conf_keys as keys
+    from pruneflow.trial_conf import markdown_table
+
+    print(markdown_table(keys()))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from pruneflow.data import DatasetSpec, load_dataset
     from pruneflow.inspect_plan import inspect_plan
@@ -277,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--status", choices=["running", "succeeded", "failed", "abandoned"])
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_trials)
+
+    c = sub.add_parser("conf", help="the DAG conf keys (prune_trial, or prune_sweep with --sweep) as a table")
+    c.add_argument("--sweep", action="store_true", help="prune_sweep's keys instead of prune_trial's")
+    c.set_defaults(func=cmd_conf)
 
     from pruneflow.airflow_cli import add_airflow_parser
     add_airflow_parser(sub)

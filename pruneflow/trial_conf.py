@@ -226,7 +226,9 @@ def check_unique(keys: list[ConfKey]) -> tuple[ConfKey, ...]:
 @functools.lru_cache(maxsize=1)
 def conf_keys() -> tuple[ConfKey, ...]:
     """Every key of the flat conf, in form order: the spec's fields, then :data:`EXTRA_KEYS`."""
-    keys = generate_keys(TrialSpec, _NAMES, _SECTION_OF, _FORM_DEFAULTS, _WHOLE, _DEPLOYMENT_DEFAULTS)
+    notes = {**_DEPLOYMENT_DEFAULTS, ("model", "name"): "from a DAG conf only a registry model or a user model "
+             "the deployment allows (PRUNEFLOW_ALLOWED_MODELS)"}
+    keys = generate_keys(TrialSpec, _NAMES, _SECTION_OF, _FORM_DEFAULTS, _WHOLE, notes)
     keys += [ConfKey(k, (), v["section"], v["title"], v["description"], v["default"], v["schema"])
              for k, v in EXTRA_KEYS.items()]
     return check_unique(keys)
@@ -422,3 +424,18 @@ def conf_from_spec(spec: TrialSpec) -> dict[str, Any]:
     """The flat conf that runs exactly this spec (every key set): ``spec_from_conf`` of it gives the spec back."""
     data = spec.model_dump(mode="json")
     return {k.key: copy.deepcopy(_get(data, k.path)) for k in conf_keys() if k.path}
+
+
+def markdown_table(keys: tuple[ConfKey, ...] | list[ConfKey]) -> str:
+    """The conf keys as the README's table: key, spec field, default, what it is."""
+    import json
+
+    rows = ["| conf key | spec field | default | |", "|---|---|---|---|"]
+    for k in keys:
+        default = json.dumps(k.default) if k.default not in (None, [], {}) else ""
+        if len(default) > 40:
+            default = "(see the form)"
+        text = k.description.replace("|", "\\|")
+        rows.append(f"| `{k.key}` | {'`' + '.'.join(k.path) + '`' if k.path else ''} | "
+                    f"{'`' + default + '`' if default else ''} | {text} |")
+    return "\n".join(rows)

@@ -146,3 +146,11 @@ def test_only_configured_results_dbs(roots, monkeypatch):
     monkeypatch.setenv("PRUNEFLOW_ALLOWED_DBS", f"sqlite:///{roots / 'other.db'}")
     assert trial_conf.spec_from_conf({"db": f"sqlite:///{roots / 'other.db'}"}, "r").db.endswith("other.db")
     assert trial_conf.spec_from_conf({}, "r").db == f"sqlite:///{roots / 'results.db'}"
+
+
+def test_readme_conf_table_is_the_generated_one():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- conf-keys", 1)[1].split("-->", 1)[1].split("<!-- /conf-keys -->", 1)[0]
+    assert block.strip() == trial_conf.markdown_table(trial_conf.conf_keys()), "run `pruneflow conf` into the README"
