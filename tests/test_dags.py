@@ -144,6 +144,16 @@ def test_dag_folder_imports_and_prune_trial_reads_like_the_pipeline(dagbag, dag)
         assert p.schema.get("type") and p.description, key
 
 
+def test_prune_sweep_form_is_the_sweep_spec(dagbag):
+    from pruneflow.sweep_conf import sweep_defaults
+
+    params = dagbag.dags["prune_sweep"].params
+    assert set(params.keys()) == set(sweep_defaults())
+    for key, default in sweep_defaults().items():
+        assert params.get_param(key).value == default, key
+    assert params.get_param("sampler").schema["enum"] == ["tpe", "random", "grid", "nsga2"]
+
+
 def test_dag_files_parse_without_torch_and_take_queue_and_pool_from_config(af_env):
     code = (
         "import sys, json\n"
