@@ -26,6 +26,14 @@ from pruneflow.bench import (
     speedup,
     summarize,
 )
+from pruneflow.bench.backends import LoadedModel
+from pruneflow.bench.runner import (
+    ARGMAX_TIE_RTOL,
+    MIN_ARGMAX_AGREEMENT,
+    REDUCED_PRECISION_RTOL,
+    _parity_check,
+    check_tolerance,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +43,8 @@ RESULT_KEYS = {
     "model", "backend", "device", "settings", "input_shape", "latency_ms", "round_medians_ms",
     "round_median_cv", "round_order", "n_samples", "throughput_fps", "wall_mean_ms", "compile_s",
     "compiled_properties", "skipped_properties", "load_avg_before", "load_avg_after", "cpu_count",
-    "cpu_model", "versions", "host", "started_at", "duration_s", "check_max_abs_diff",
+    "cpu_model", "versions", "host", "started_at", "duration_s", "check_max_abs_diff", "check",
+    "inference_precision", "latency_kind", "throughput",
 }
 
 
@@ -132,6 +141,24 @@ def test_stats_single_round_and_errors():
         summarize([[1.0], []])
 
 
+def test_stats_pooled_median_and_percentiles_on_skewed_samples():
+    # the median, p90 and p99 are over ALL samples pooled: not the mean, not a median of round medians
+    rounds = [[1.0, 1.0, 1.0, 100.0], [2.0, 2.0, 2.0, 2.0, 2.0]]
+    s = summarize(rounds)
+    assert s["round_medians"] == [1.0, 2.0]  # median of round medians would be 1.5
+    assert s["mean"] == pytest.approx(113.0 / 9)
+    assert s["median"] == 2.0
+    # sorted: 1 1 1 2 2 2 2 2 100; linear interpolation at rank 0.9*8 = 7.2 and 0.99*8 = 7.92
+    assert s["p90"] == pytest.approx(2.0 + 0.2 * 98.0)
+    assert s["p99"] == pytest.approx(2.0 + 0.92 * 98.0)
+    assert s["n_samples"] == 9
+
+
+def test_rounds_description_matches_the_statistics():
+    text = BenchmarkOptions.model_fields["rounds"].description
+    assert "pooled" in text and "median of round medians" not in text
+
+
 def test_speedups():
     assert speedup(4.0, 2.0) == pytest.approx(2.0)
     # per-round ratios 2, 4, 1 -> median 2
@@ -161,6 +188,7 @@ def test_speedups():
         ({"device": "AUTO:GPU,,CPU"}, "device"),
         ({"backend": "onnxruntime", "device": "GPU"}, "device"),
         ({"backend": "onnxruntime", "precision": "f16"}, "precision"),
+        ({"backend": "onnxruntime", "hint": "throughput"}, "hint"),
     ],
 )
 def test_settings_validation(kwargs, field):
@@ -231,6 +259,70 @@ def test_measure(models, backend, kind, threads):
 def test_measure_throughput_hint(models):
     r = measure(models["onnx"], BenchmarkOptions(hint="throughput", **FAST))
     assert r["compiled_properties"]["PERFORMANCE_HINT"] == "THROUGHPUT"
+    assert r["throughput"]["method"] == "async_queue"
+
+
+def test_throughput_comes_from_the_async_queue(models, monkeypatch):
+    """hint=throughput: every timed inference goes through the AsyncInferQueue of
+    OPTIMAL_NUMBER_OF_INFER_REQUESTS requests, and throughput_fps is completed inferences / wall time
+    of those rounds, not 1000 / mean latency of one request."""
+    from pruneflow.bench.backends import OpenVINOModel
+
+    walls: list[tuple[int, float]] = []
+    real_async = OpenVINOModel.timed_async
+
+    def spy_async(self, x, n):
+        lat, wall_ms = real_async(self, x, n)
+        walls.append((n, wall_ms))
+        assert len(lat) == n
+        return lat, wall_ms
+
+    def no_sync(self, x, n):
+        raise AssertionError("throughput mode must not time synchronous calls")
+
+    monkeypatch.setattr(OpenVINOModel, "timed_async", spy_async)
+    monkeypatch.setattr(OpenVINOModel, "timed_calls", no_sync)
+    opts = BenchmarkOptions(hint="throughput", threads=2, warmup=4, rounds=3, iterations=24)
+    r = measure(models["c8"], opts)
+    json.dumps(r, allow_nan=False)
+    props = r["compiled_properties"]
+    t = r["throughput"]
+    assert t["method"] == "async_queue"
+    assert t["requests"] == int(props["OPTIMAL_NUMBER_OF_INFER_REQUESTS"]) >= 1
+    assert t["inferences_per_round"] == opts.iterations
+    # one warm-up pass, then one queue run per round
+    assert [n for n, _ in walls] == [max(opts.warmup, t["requests"])] + [opts.iterations] * opts.rounds
+    round_fps = [n * 1000.0 / w for n, w in walls[1:]]
+    assert t["round_fps"] == pytest.approx(round_fps)
+    assert r["throughput_fps"] == t["fps"] == pytest.approx(float(np.median(round_fps)))
+    assert r["wall_mean_ms"] == pytest.approx(sum(w for _, w in walls[1:]) / (opts.rounds * opts.iterations))
+    # latencies are per request under that load, and are labelled so
+    assert r["n_samples"] == opts.rounds * opts.iterations
+    assert f"{t['requests']} request(s) in flight" in r["latency_kind"]
+    assert "async queue" in format_result(r)
+
+
+def test_latency_hint_throughput_is_labelled_sequential(models):
+    r = measure(models["onnx"], BenchmarkOptions(**FAST))
+    t = r["throughput"]
+    assert t["method"] == "sequential" and t["requests"] == 1
+    assert r["throughput_fps"] == pytest.approx(1000.0 / r["latency_ms"]["mean"])
+    assert "one request at a time" in r["latency_kind"]
+    assert "async" not in format_result(r)
+
+
+def test_compare_throughput_ratios(models):
+    opts = BenchmarkOptions(hint="throughput", threads=2, warmup=2, rounds=2, iterations=8)
+    cmp = compare([models["c64"], models["c8"]], opts, labels=["big", "small"])
+    json.dumps(cmp, allow_nan=False)
+    big, small = cmp["models"]
+    assert big["throughput"]["method"] == small["throughput"]["method"] == "async_queue"
+    ratio = cmp["ratios"]["small"]
+    assert ratio["throughput_ratio"] == pytest.approx(small["throughput_fps"] / big["throughput_fps"])
+    assert ratio["throughput_ratio_paired"] == pytest.approx(
+        paired_speedup(small["throughput"]["round_fps"], big["throughput"]["round_fps"]))
+    assert cmp["ratios"]["big"]["throughput_ratio_paired"] == 1.0
+    assert "fps ratio" in format_comparison(cmp)
 
 
 @pytest.mark.parametrize("device", ["AUTO:CPU", "HETERO:CPU", "MULTI:CPU"])
@@ -371,7 +463,9 @@ TORCH_FREE_CODE = textwrap.dedent(
     results = {}
     for backend in ("openvino", "onnxruntime"):
         opts = bench.BenchmarkOptions(backend=backend, warmup=2, rounds=2, iterations=5)
-        results[backend] = bench.measure(path, opts)["latency_ms"]["median"]
+        r = bench.measure(path, opts)
+        bench.format_result(r)  # the tables (pruneflow.table, tabulate) are torch-free too
+        results[backend] = r["latency_ms"]["median"]
     print(json.dumps({
         "torch_import_fails": torch_import_fails,
         "torch_import_attempts": attempts,
@@ -397,3 +491,230 @@ def test_bench_is_torch_free(models):
     assert out["torch_in_sys_modules"] is False
     assert out["torch_submodules"] == []
     assert out["medians"]["openvino"] > 0 and out["medians"]["onnxruntime"] > 0
+
+
+# --------------------------------------------------------------------------- reduced precision
+
+
+@pytest.fixture(scope="module")
+def torch_ir(tmp_path_factory):
+    """A tiny torch CNN exported as the trial pipeline does (ONNX -> OpenVINO IR, batch 1), with a
+    reference batch of 16 inputs and torch's logits (max |logit| about 5, like a trained classifier)."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from pruneflow.export import export_onnx, export_openvino
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+        model[-1].weight.mul_(60)
+    model.eval()
+    d = tmp_path_factory.mktemp("torch_ir")
+    onnx_path = export_onnx(model, [1, 3, 16, 16], d / "tiny.onnx")
+    xml = export_openvino(onnx_path, d / "tiny.xml", [1, 3, 16, 16])
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    return xml, x.numpy(), ref
+
+
+EXPORT_ATOL = 1e-3  # spec.export.parity_atol's default, what the benchmark stage passes as check_atol
+
+
+@pytest.mark.parametrize("precision", ["f32", "f16", "bf16"])
+def test_check_fits_the_precision(torch_ir, precision):
+    xml, x, ref = torch_ir
+    opts = BenchmarkOptions(precision=precision, warmup=0, rounds=1, iterations=2)
+    r = measure(xml, opts, check=(x, ref), check_atol=EXPORT_ATOL)
+    if r["inference_precision"] != precision:
+        pytest.skip(f"this CPU runs {r['inference_precision']} when asked for {precision}")
+    json.dumps(r, allow_nan=False)
+    c = r["check"]
+    assert c["passed"] and c["precision"] == precision and c["precision_source"] == "compiled model"
+    assert c["samples"] == 16 and c["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT
+    assert r["check_max_abs_diff"] == c["max_abs_diff"] <= c["atol"]
+    scale = float(np.abs(ref).max())
+    assert c["output_scale"] == pytest.approx(scale)
+    if precision == "f32":
+        assert c["atol"] == EXPORT_ATOL and c["rtol"] is None and c["min_argmax_agreement"] is None
+        assert c["max_abs_diff"] < 1e-5
+    else:
+        assert c["rtol"] == REDUCED_PRECISION_RTOL[precision]
+        assert c["atol"] == pytest.approx(max(EXPORT_ATOL, REDUCED_PRECISION_RTOL[precision] * scale))
+        assert c["min_argmax_agreement"] == MIN_ARGMAX_AGREEMENT
+        # the reason for the fix: at reduced precision the logits move by more than the export tolerance
+        assert c["max_abs_diff"] > EXPORT_ATOL
+    assert precision in format_result(r)
+
+
+def test_reduced_precision_check_still_catches_a_wrong_model(torch_ir):
+    xml, x, ref = torch_ir
+    opts = BenchmarkOptions(precision="bf16", warmup=0, rounds=1, iterations=2)
+    wrong = ref + 0.5 * float(np.abs(ref).max())  # far beyond bf16 rounding
+    with pytest.raises(ParityError) as info:
+        measure(xml, opts, check=(x, wrong), check_atol=EXPORT_ATOL)
+    msg = str(info.value)
+    ran = info.value.details["precision"]
+    assert f"at precision {ran}" in msg and "max abs diff" in msg and "tolerance" in msg
+    assert "argmax agreement" in msg
+    assert info.value.details["passed"] is False and info.value.max_abs_diff > info.value.details["atol"]
+
+
+class _FakeLoaded(LoadedModel):
+    """Stands in for a compiled model: returns the given outputs, reports the given precision."""
+
+    backend = "openvino"
+
+    def __init__(self, outputs: np.ndarray, ran: str | None):
+        self.path = Path("fake.xml")
+        self.input_shape = (1, 4)
+        self.input_dtype = np.dtype(np.float32)
+        self.properties = {} if ran is None else {"EXECUTION_DEVICES": "CPU", "INFERENCE_PRECISION_HINT": ran}
+        self.skipped_properties = []
+        self.compile_s = 0.0
+        self._rows = iter(outputs)
+
+    def infer(self, x):
+        return next(self._rows)[None]
+
+
+def _flipped(n: int, flips: int, runner_up: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """Reference logits [1.0, runner_up, 0, 0] per sample (output scale 1.0); the device swaps the top
+    two on ``flips`` samples. With runner_up 0.9 the max abs diff is 0.1: within the bf16 tolerance
+    (0.125), beyond check_atol, and torch's margin 0.1 is no near-tie (bf16 tie margin 0.0625)."""
+    ref = np.tile(np.array([1.0, runner_up, 0.0, 0.0], dtype=np.float32), (n, 1))
+    out = ref.copy()
+    out[:flips, :2] = [runner_up, 1.0]
+    return out, ref
+
+
+def _check(out, ref, requested: str, ran: str | None):
+    loaded = _FakeLoaded(out, ran)
+    x = np.zeros((len(ref), 4), dtype=np.float32)
+    return _parity_check(loaded, BenchmarkOptions(precision=requested), (x, ref), 1e-3, None)
+
+
+def test_argmax_agreement_threshold():
+    out, ref = _flipped(10, 1)  # 9 of 10 agree: enough
+    rec = _check(out, ref, "bf16", "bf16")
+    assert rec["passed"] and rec["argmax_agreement"] == pytest.approx(0.9) and rec["atol"] == 0.125
+    assert rec["argmax_decisive_samples"] == 10 and rec["argmax_tie_margin"] == ARGMAX_TIE_RTOL["bf16"]
+    out, ref = _flipped(10, 2)  # 8 of 10
+    with pytest.raises(ParityError, match=r"argmax agreement 0\.800 of 10 sample\(s\)") as info:
+        _check(out, ref, "bf16", "bf16")
+    assert "(needs >= 0.9)" in str(info.value)
+    assert info.value.details["argmax_agreement_decisive"] == pytest.approx(0.8)
+    assert "bf16" in str(info.value) and "tolerance 0.125" in str(info.value)
+    out, ref = _flipped(1, 1)  # a small batch: every sample must agree
+    with pytest.raises(ParityError, match="argmax agreement 0.000 of 1"):
+        _check(out, ref, "bf16", "bf16")
+    # the error survives pickling (Celery / process pools)
+    import pickle
+
+    err = pickle.loads(pickle.dumps(info.value))
+    assert err.details == info.value.details and str(err) == str(info.value)
+
+
+def test_argmax_flip_on_a_near_tie_is_not_held_against_the_model():
+    # torch's top two are 0.03 apart (< bf16 tie margin 0.0625 x scale 1.0): rounding may swap them
+    out, ref = _flipped(3, 1, runner_up=0.97)
+    rec = _check(out, ref, "bf16", "bf16")
+    assert rec["passed"] and rec["argmax_agreement"] == pytest.approx(2 / 3)
+    assert rec["argmax_decisive_samples"] == 0 and rec["argmax_agreement_decisive"] == 1.0
+    # at f16 the tie margin is 0.0078: the same swap is too large for f16 rounding and fails
+    with pytest.raises(ParityError, match="f16"):
+        _check(out, ref, "f16", "f16")
+
+
+def test_tolerance_follows_the_precision_the_model_really_ran():
+    out, ref = _flipped(10, 0)
+    out[:, 2] += 0.05  # a bf16-sized error: 0.05 x scale 1.0
+    # asked for f32, but the device silently ran bf16: judged as bf16, and recorded as such
+    rec = _check(out, ref, "f32", "bf16")
+    assert rec["precision"] == "bf16" and rec["precision_requested"] == "f32" and rec["atol"] == 0.125
+    # asked for bf16, but it ran f32: the f32 tolerance applies
+    with pytest.raises(ParityError, match=r"at precision f32 \(compiled model; requested bf16\).*check_atol"):
+        _check(out, ref, "bf16", "f32")
+    # the device does not report its precision: the requested one is used, and so labelled
+    rec = _check(out, ref, "bf16", None)
+    assert rec["precision"] == "bf16" and rec["precision_source"].startswith("requested")
+    assert check_tolerance("f32", 1e-3, 100.0) == (1e-3, None)
+    assert check_tolerance("f16", 1e-3, 0.01) == (1e-3, 2.0**-6)  # never below check_atol
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "f16"])
+def test_trial_at_reduced_precision(spec_dict, precision):
+    from pruneflow.spec import parse_spec
+    from pruneflow.stages import run_trial
+
+    bench = {**spec_dict["benchmark"], "precision": precision}
+    spec = parse_spec({**spec_dict, "trial_id": f"rp-{precision}", "benchmark": bench})
+    summary = run_trial(spec)
+    assert summary["status"] == "succeeded"
+    latency = json.loads((spec.trial_dir() / "latency.json").read_text())
+    check = latency["check"]
+    ran = latency["inference_precision"]
+    assert check["precision"] == ran and check["passed"]
+    assert check["check_atol"] == spec.export.parity_atol
+    if ran == precision:
+        assert check["rtol"] == REDUCED_PRECISION_RTOL[precision]
+        assert check["min_argmax_agreement"] == MIN_ARGMAX_AGREEMENT and check["argmax_agreement"] == 1.0
+    if ran == "bf16":  # measured 0.0076 here (f16: 0.0016, too close to call on other CPUs)
+        assert check["max_abs_diff"] > spec.export.parity_atol  # the f32 tolerance would have failed it
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def test_format_table_uses_tabulate():
+    from tabulate import tabulate
+
+    from pruneflow.table import format_table
+
+    rows = [{"name": "a", "n": 1234, "x": 0.5, "s": None}, {"name": "longer", "n": 7, "x": 12345.6, "s": "z"}]
+    text = format_table(rows, [("name", "trial"), ("n", "count"), ("x", "value"), ("s", "s")],
+                        {"x": lambda v: f"{v:.1f}"})
+    expected = tabulate([["a", "1,234", "0.5", "-"], ["longer", "7", "12345.6", "z"]],
+                        headers=["trial", "count", "value", "s"], tablefmt="simple",
+                        colalign=["left", "right", "right", "right"], disable_numparse=True)
+    assert text == "\n".join(line.rstrip() for line in expected.splitlines())
+    assert text == (
+        "trial      count    value    s\n"
+        "-------  -------  -------  ---\n"
+        "a          1,234      0.5    -\n"
+        "longer         7  12345.6    z"
+    )
+    left = format_table(rows, [("name", "trial"), ("s", "s")], align=["right", "left"])
+    assert left.splitlines()[2:] == ["      a  -", " longer  z"]
+    assert format_table([], [("name", "trial")]).splitlines()[0].strip() == "trial"
+
+
+def test_bench_tables_go_through_pruneflow_table(models, monkeypatch):
+    import pruneflow.bench.format as bench_format
+    import pruneflow.table
+
+    calls = []
+
+    def spy(headers, rows, align=None):
+        calls.append((list(headers), align))
+        return pruneflow.table.format_cells(headers, rows, align)
+
+    monkeypatch.setattr(bench_format, "format_cells", spy)
+    r = measure(models["onnx"], BenchmarkOptions(warmup=0, rounds=1, iterations=2))
+    text = format_result(r)
+    assert calls and calls[0][0][:3] == ["backend", "device", "precision"]
+    assert calls[0][1][:4] == ["left", "left", "left", "right"]
+    assert text.splitlines()[2].split() == ["backend", "device", "precision", "threads", "median", "ms", "p90",
+                                            "ms", "p99", "ms", "CV", "%", "fps"]

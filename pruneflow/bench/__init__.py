@@ -6,13 +6,26 @@ backend that is used.
 """
 
 from .format import format_comparison, format_result
-from .runner import ParityError, compare, environment_info, measure
+from .runner import (
+    ARGMAX_TIE_RTOL,
+    MIN_ARGMAX_AGREEMENT,
+    REDUCED_PRECISION_RTOL,
+    ParityError,
+    check_tolerance,
+    compare,
+    environment_info,
+    measure,
+)
 from .settings import BenchmarkOptions
 from .stats import paired_speedup, speedup, summarize
 
 __all__ = [
+    "ARGMAX_TIE_RTOL",
+    "MIN_ARGMAX_AGREEMENT",
+    "REDUCED_PRECISION_RTOL",
     "BenchmarkOptions",
     "ParityError",
+    "check_tolerance",
     "compare",
     "environment_info",
     "format_comparison",

@@ -1,22 +1,18 @@
-"""Plain-text tables for benchmark results (no dependencies)."""
+"""Plain-text tables for benchmark results (through pruneflow.table, the project's one table formatter)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pruneflow.table import format_cells
+
+from .backends import effective_property
+
 __all__ = ["format_result", "format_comparison"]
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)]
-        return "  ".join(parts).rstrip()
-
-    out = [line(headers), line(["-" * w for w in widths])]
-    out.extend(line(r) for r in rows)
-    return "\n".join(out)
+    return format_cells(headers, rows, ["right" if r else "left" for r in right])
 
 
 def _ms(value: float) -> str:
@@ -25,11 +21,7 @@ def _ms(value: float) -> str:
 
 def _effective(result: dict, key: str) -> str | None:
     """Property as compiled: top level (CPU, GPU) or of the executing device behind AUTO/HETERO/MULTI."""
-    props = result.get("compiled_properties", {})
-    if key in props:
-        return props[key]
-    device = str(props.get("EXECUTION_DEVICES", "")).split(",")[0]
-    return props.get(f"{device}.{key}")
+    return effective_property(result.get("compiled_properties", {}), key)
 
 
 def _precision(result: dict) -> str:
@@ -64,10 +56,17 @@ _STAT_HEADERS = ["median ms", "p90 ms", "p99 ms", "CV %", "fps"]
 
 def _setup_line(result: dict) -> str:
     s = result.get("settings", {})
-    return (
+    line = (
         f"{s.get('rounds', '?')} rounds x {s.get('iterations', '?')} calls "
         f"(warm-up {s.get('warmup', '?')}), hint {s.get('hint', '?')}, input {result.get('input_shape')}"
     )
+    throughput = result.get("throughput") or {}
+    if throughput.get("method") == "async_queue":
+        line += (
+            f"; async queue of {throughput.get('requests')} requests: fps = completed inferences / wall time, "
+            "latencies per request under that load"
+        )
+    return line
 
 
 def format_result(result: dict) -> str:
@@ -89,19 +88,21 @@ def format_comparison(cmp: dict) -> str:
     if not models:
         return "(no models)"
     first = models[0]
-    headers = ["model", *_STAT_HEADERS, "speedup", "paired"]
+    by_fps = all("throughput_ratio_paired" in cmp["ratios"][d["label"]] for d in models)
+    headers = ["model", *_STAT_HEADERS, "speedup", "paired"] + (["fps ratio"] if by_fps else [])
     rows = []
     for d in models:
         ratio = cmp["ratios"][d["label"]]
-        rows.append([str(d["label"]), *_stat_cells(d), f"{ratio['speedup']:.2f}x",
-                     f"{ratio['speedup_paired']:.2f}x"])
+        row = [str(d["label"]), *_stat_cells(d), f"{ratio['speedup']:.2f}x", f"{ratio['speedup_paired']:.2f}x"]
+        if by_fps:
+            row.append(f"{ratio['throughput_ratio_paired']:.2f}x")
+        rows.append(row)
     right = [False, *([True] * (len(headers) - 1))]
     header = (
         f"{first['backend']} / {first['device']} / precision {_precision(first)} / threads {_threads(first)}; "
         + _setup_line(first)
     )
-    return "\n".join([
-        header,
-        _table(headers, rows, right),
-        f"speed-ups relative to {first['label']!r} (median ratio; paired = median of per-round ratios)",
-    ])
+    footer = f"speed-ups relative to {first['label']!r} (median ratio; paired = median of per-round ratios)"
+    if by_fps:
+        footer += "; speedup/paired compare latencies under load, fps ratio = paired ratio of round throughputs"
+    return "\n".join([header, _table(headers, rows, right), footer])

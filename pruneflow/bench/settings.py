@@ -22,19 +22,27 @@ class BenchmarkOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["openvino", "onnxruntime"] = "openvino"
-    # OpenVINO device string: CPU, GPU, GPU.0, NPU, AUTO, AUTO:GPU,CPU, HETERO:GPU,CPU, MULTI:GPU,CPU
-    device: str = "CPU"
-    # OpenVINO INFERENCE_PRECISION_HINT; onnxruntime supports only f32.
-    precision: Literal["f32", "f16", "bf16"] = "f32"
-    # OpenVINO INFERENCE_NUM_THREADS / onnxruntime intra_op_num_threads.
-    threads: int = Field(1, ge=1, le=256)
-    # OpenVINO PERFORMANCE_HINT (ignored by onnxruntime).
-    hint: Literal["latency", "throughput"] = "latency"
-    warmup: int = Field(20, ge=0)
-    rounds: int = Field(5, ge=1)
-    iterations: int = Field(100, ge=1)  # timed calls per round
-    seed: int = 0  # seed of the random benchmark input
+    backend: Literal["openvino", "onnxruntime"] = Field("openvino", description="inference runtime")
+    device: str = Field("CPU", description="OpenVINO device: CPU, GPU, GPU.0, NPU, AUTO, AUTO:GPU,CPU, "
+                        "HETERO:GPU,CPU, MULTI:GPU,CPU (onnxruntime: CPU only)")
+    precision: Literal["f32", "f16", "bf16"] = Field(
+        "f32", description="fixed inference precision (OpenVINO INFERENCE_PRECISION_HINT; onnxruntime: f32 only)")
+    threads: int = Field(1, ge=1, le=256, description="inference threads (OpenVINO INFERENCE_NUM_THREADS, "
+                         "onnxruntime intra_op_num_threads)")
+    hint: Literal["latency", "throughput"] = Field(
+        "latency",
+        description="OpenVINO PERFORMANCE_HINT. latency: one request at a time, each call timed. throughput: "
+        "an asynchronous queue of OPTIMAL_NUMBER_OF_INFER_REQUESTS requests; throughput = completed "
+        "inferences / wall time, latencies are per request with the others in flight (OpenVINO only).",
+    )
+    warmup: int = Field(20, ge=0, description="untimed calls before the first round")
+    rounds: int = Field(
+        5, ge=1,
+        description="timed rounds of `iterations` calls; median, p90 and p99 are over the calls of all rounds "
+        "pooled, and the spread (CV) is that of the per-round medians",
+    )
+    iterations: int = Field(100, ge=1, description="timed calls per round")
+    seed: int = Field(0, ge=0, description="seed of the random benchmark input")
 
     @field_validator("device")
     @classmethod
@@ -62,5 +70,10 @@ class BenchmarkOptions(BaseModel):
                 raise ValueError(
                     f"precision={self.precision!r} is not supported with backend='onnxruntime' "
                     "(it runs the model in f32): set precision='f32' or backend='openvino'"
+                )
+            if self.hint != "latency":
+                raise ValueError(
+                    f"hint={self.hint!r} is not supported with backend='onnxruntime' (it runs one request at "
+                    "a time, so it cannot measure throughput): set hint='latency' or backend='openvino'"
                 )
         return self

@@ -27,8 +27,12 @@ def coefficient_of_variation(values: Sequence[float]) -> float:
 def summarize(rounds: Sequence[Sequence[float]], batch: int = 1) -> dict:
     """Summarise per-call latencies (ms) grouped by round.
 
+    median, p90, p99, mean, min, max and std are over ALL samples of all rounds pooled (not a
+    median of round medians); round_medians are the per-round medians and round_median_cv their
+    spread (CV). throughput_fps = batch * 1000 / mean is the rate of one call at a time (the
+    runner replaces it with a measured figure in throughput mode).
     Returns plain Python floats/ints/lists: median, p90, p99, mean, min, max, std,
-    round_medians, round_median_cv, throughput_fps (= batch * 1000 / mean), n_samples.
+    round_medians, round_median_cv, throughput_fps, n_samples.
     """
     if len(rounds) == 0:
         raise ValueError("summarize needs at least one round")
