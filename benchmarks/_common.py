@@ -98,14 +98,8 @@ def ensure_baseline(epochs: int = 3, out_dir: Path | None = None, progress=print
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align_left: int = 1) -> str:
-    """Plain-text table; the first `align_left` columns are left-aligned, the rest right-aligned."""
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    """Plain-text table (pruneflow's one formatter); the first `align_left` columns are left-aligned."""
+    from pruneflow.table import format_cells
 
-    def line(vals: Sequence[str]) -> str:
-        return "  ".join(
-            v.ljust(w) if i < align_left else v.rjust(w)
-            for i, (v, w) in enumerate(zip(vals, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+    return format_cells(headers, [[str(c) for c in r] for r in rows],
+                        ["left" if i < align_left else "right" for i in range(len(headers))])

@@ -385,6 +385,7 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     from pruneflow.bench import measure
 
     trial_dir = spec.trial_dir()
+    _start_stage(trial_dir, "benchmark")
     opts = spec.benchmark
     model_path = trial_dir / ("model.xml" if opts.backend == "openvino" else "model.onnx")
     ref = np.load(trial_dir / "reference.npz")
