@@ -20,7 +20,8 @@ activation-statistics ranking, ...) or a warning in :attr:`DistillerSchedule.war
 schedules, ignored quantizers/regularizers, pruners no policy applies, ...).
 
 Sparsity semantics follow Distiller: a layer with ``n`` filters and sparsity ``s`` loses
-``floor(n * s)`` filters (:func:`filters_to_remove`).
+``floor(s * n)`` filters computed in floating point, as Distiller does, so 100 filters at 0.29 lose 28
+(:func:`filters_to_remove`). pruneflow counts every group's filters this way, imported or not.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from decimal import Decimal
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -137,27 +137,33 @@ class DistillerSchedule:
 
 
 def filters_to_remove(n_filters: int, sparsity: float) -> int:
-    """How many of ``n_filters`` filters a ``sparsity`` removes: Distiller's ``floor(n * sparsity)``.
+    """How many of ``n_filters`` filters a ``sparsity`` removes, exactly as Distiller counts them.
 
-    Computed exactly on the decimal value of ``sparsity`` (its shortest repr), so that e.g. 10 filters at
-    0.3 gives 3 and 100 filters at 0.29 gives 29 (plain float products give 2.9999... / 28.999...).
+    Distiller's ``num_structs_to_prune`` (``distiller/norms.py``, with ``group_size`` 1) computes
+    ``math.floor(fraction_to_prune * n_elems)`` in the fraction's own arithmetic — binary floating point
+    for the floats that schedules, specs and sweeps give — and, when that equals ``n`` although the
+    fraction is not 1, removes ``n - group_size`` (here ``n - 1``) instead of every filter.
+
+    So 100 filters at 0.29, 0.57, 0.58 lose 28, 56, 57 (``0.29 * 100 == 28.999999999999996``), not the
+    29, 57, 58 of exact decimal arithmetic; 10 filters at 0.3 or 0.7 lose 3 and 7. A float below 1 never
+    rounds up to ``n`` (for any ``n`` below 2**53), so the ``n - 1`` rule matters only for number types
+    whose product can round up (e.g. a 28-digit :class:`~decimal.Decimal`); a sparsity of exactly 1
+    removes every filter. pruneflow's specs cap sparsity at :data:`MAX_SPARSITY`.
     """
     if isinstance(n_filters, bool) or not isinstance(n_filters, numbers.Integral) or n_filters < 0:
         raise ValueError(f"n_filters must be a non-negative int, got {n_filters!r}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real | Decimal):
         raise ValueError(f"sparsity must be a number, got {sparsity!r}")
-    if isinstance(sparsity, Fraction | Decimal | numbers.Rational):
-        frac = Fraction(sparsity)
-    else:
-        value = float(sparsity)
-        if not math.isfinite(value):
-            raise ValueError(f"sparsity must be finite, got {sparsity!r}")
-        # The shortest decimal that round-trips: repr for Python floats, str for numpy scalars (so that
-        # a float32 0.7 counts as 0.7, not 0.699999988).
-        frac = Fraction(str(sparsity) if type(sparsity).__module__ == "numpy" else repr(value))
-    if not 0 <= frac <= 1:
+    finite = sparsity.is_finite() if isinstance(sparsity, Decimal) else math.isfinite(float(sparsity))
+    if not finite:
+        raise ValueError(f"sparsity must be finite, got {sparsity!r}")
+    if not 0 <= sparsity <= 1:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
-    return math.floor(int(n_filters) * frac)
+    n = int(n_filters)  # Distiller's n_elems is a Python int (param.size(0))
+    k = math.floor(sparsity * n)  # Distiller: rounding_fn(fraction_to_prune * n_elems), rounding_fn=math.floor
+    if n and k == n and sparsity != 1:  # Distiller: "We can't allow removing all of the structs in a layer!"
+        k = n - 1
+    return int(k)
 
 
 # --------------------------------------------------------------------------------------------------

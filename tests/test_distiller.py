@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
@@ -412,6 +413,13 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- rounding
 
 
+def _distiller_count(n_elems: int, group_len: int, fraction: float) -> int:
+    """Distiller's num_structs_to_prune (distiller/norms.py) with rounding_fn=math.floor, restated."""
+    k = math.floor(fraction * n_elems)
+    k = int(math.floor(k * 1.0 / group_len) * group_len)
+    return n_elems - group_len if k == n_elems and fraction != 1.0 else k
+
+
 @pytest.mark.parametrize(
     ("n", "s", "expected"),
     [
@@ -419,9 +427,14 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         (10, 0.3, 3),
         (64, 0.95, 60),
         (32, 0.0, 0),
-        (100, 0.29, 29),
+        (100, 0.29, 28),  # 0.29 * 100 == 28.999999999999996 in floating point, as in Distiller
+        (100, 0.57, 56),
+        (100, 0.58, 57),
+        (50, 0.58, 28),
+        (90, 0.7, 62),
+        (100, 0.3, 30),
         (10, 0.7, 7),
-        (7, 1, 7),
+        (7, 1, 7),  # an explicit 1 removes everything, in Distiller too
         (0, 0.5, 0),
     ],
 )
@@ -429,22 +442,47 @@ def test_filters_to_remove_examples(n: int, s: float, expected: int) -> None:
     assert filters_to_remove(n, s) == expected
 
 
-@given(n=st.integers(min_value=0, max_value=4096), k=st.integers(min_value=0, max_value=10_000))
-def test_filters_to_remove_is_exact_floor(n: int, k: int) -> None:
-    s = k / 10_000  # at most 4 decimals
-    assert filters_to_remove(n, s) == math.floor(n * Fraction(str(s)))
+def test_filters_to_remove_differs_from_exact_decimals_where_distiller_does() -> None:
+    for n, s in ((100, 0.29), (100, 0.57), (100, 0.58)):
+        assert filters_to_remove(n, s) == math.floor(Fraction(str(s)) * n) - 1 == _distiller_count(n, 1, s)
+
+
+@given(n=st.integers(min_value=1, max_value=4096), s=st.floats(min_value=0.0, max_value=1.0))
+def test_filters_to_remove_is_distillers_count(n: int, s: float) -> None:
+    assert filters_to_remove(n, s) == _distiller_count(n, 1, s)
+
+
+@given(n=st.integers(min_value=1, max_value=4096), k=st.integers(min_value=0, max_value=10_000))
+def test_filters_to_remove_at_four_decimals(n: int, k: int) -> None:
+    s = k / 10_000
+    assert filters_to_remove(n, s) == math.floor(s * n)  # never rounds up to n: the n - 1 rule is not hit
+    assert filters_to_remove(n, s) < n or s == 1
+
+
+def test_filters_to_remove_never_removes_everything_below_one() -> None:
+    """Distiller's rule: when the product reaches n although the fraction is not 1, remove n - 1. A float
+    below 1 never gets there; a 28-digit Decimal does (0.999...9 * 3 rounds to 3)."""
+    almost = Decimal("0." + "9" * 30)
+    assert almost * 3 == 3 and almost != 1
+    assert filters_to_remove(3, almost) == 2
+    assert filters_to_remove(100, almost) == 99
+    assert filters_to_remove(100, math.nextafter(1.0, 0.0)) == 99
+    assert filters_to_remove(100, 1.0) == 100
 
 
 def test_filters_to_remove_numpy_and_exact_types() -> None:
     import numpy as np
 
-    assert filters_to_remove(10, np.float32(0.7)) == 7  # float32(0.7) * 10 == 6.99999988
+    assert filters_to_remove(10, np.float32(0.7)) == 7  # float32 arithmetic: float32(0.7) * 10 rounds to 7.0
+    assert filters_to_remove(100, np.float64(0.29)) == 28
     assert filters_to_remove(10, np.float64(0.3)) == 3
     assert filters_to_remove(3, Fraction(2, 3)) == 2
     assert filters_to_remove(np.int64(20), 0.35) == 7
+    assert isinstance(filters_to_remove(np.int64(20), np.float32(0.35)), int)
 
 
 def test_filters_to_remove_rejects_bad_input() -> None:
-    for n, s in ((-1, 0.5), (10, 1.5), (10, -0.1), (10, float("nan")), (2.5, 0.5), (10, "0.5"), (True, 0.5)):
+    for n, s in ((-1, 0.5), (10, 1.5), (10, -0.1), (10, float("nan")), (2.5, 0.5), (10, "0.5"), (True, 0.5),
+                 (10, Decimal("NaN")), (10, float("inf"))):
         with pytest.raises(ValueError):
             filters_to_remove(n, s)  # type: ignore[arg-type]

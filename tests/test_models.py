@@ -12,6 +12,8 @@ import torch_pruning as tp
 
 from pruneflow.models import build_model, list_models, register_model
 from pruneflow.models import registry as registry_mod
+from pruneflow.models.patterns import ChannelShuffle
+from pruneflow.prune import build_graph
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -30,6 +32,7 @@ EXPECTED_MODELS = sorted(
         "resnext_tiny",
         "se_resnet_tiny",
         "mobilenet_tiny",
+        "shufflenet_tiny",
     ]
 )
 
@@ -49,6 +52,7 @@ MIDDLE_CONV = {
     "resnext_tiny": "layer1.0.conv1",
     "se_resnet_tiny": "layer2.conv2",
     "mobilenet_tiny": "features.3.conv.0.0",
+    "shufflenet_tiny": "stage2.1.branch2.0.0",
 }
 
 
@@ -186,6 +190,19 @@ def test_pattern_models_have_their_patterns() -> None:
     assert any(isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 for m in mb.modules())
     assert any(getattr(m, "use_res_connect", False) for m in mb.modules())
 
+    sh = build_model("shufflenet_tiny", 3, 10).eval()
+    shuffles = [m for m in sh.modules() if isinstance(m, ChannelShuffle)]
+    assert len(shuffles) == 6 and all(m.groups == 2 for m in shuffles)
+    unit = sh.stage2[1]
+    assert unit.branch1 is None and unit.branch2[1][0].groups == unit.branch2[1][0].in_channels  # split + depthwise
+    x = torch.randn(1, 48, 4, 4)
+    with torch.no_grad():
+        x1, x2 = x.chunk(2, dim=1)
+        cat = torch.cat((x1, unit.branch2(x2)), 1)
+        out = unit(x)
+    assert torch.equal(out[:, 0::2], cat[:, :24]) and torch.equal(out[:, 1::2], cat[:, 24:])  # shuffled halves
+    assert build_model("shufflenet_tiny", 1, 10, units_per_stage=1).eval()(torch.randn(1, 1, 8, 8)).shape == (1, 10)
+
 
 def test_model_kwargs() -> None:
     vgg8 = build_model("vgg11", 3, 10, input_size=8)
@@ -226,11 +243,10 @@ def test_bad_channel_counts() -> None:
 
 @pytest.mark.parametrize("name", EXPECTED_MODELS)
 def test_torch_pruning_dependency_graph_and_prune(name: str) -> None:
+    """The graph pruneflow builds (Torch-Pruning's, with channel shuffles as boundaries) prunes every model."""
     in_ch, num_classes = 3, 10
     model = build_model(name, in_ch, num_classes).eval()
-    dg = tp.DependencyGraph().build_dependency(
-        model, example_inputs=torch.randn(1, in_ch, 32, 32), verbose=False
-    )
+    dg = build_graph(model, [1, in_ch, 32, 32])
     conv = dict(model.named_modules())[MIDDLE_CONV[name]]
     assert isinstance(conv, nn.Conv2d)
     before = conv.out_channels
@@ -295,7 +311,9 @@ def test_pruning_zeroed_channels_preserves_function(name: str, conv_name: str) -
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy TorchScript exporter
-@pytest.mark.parametrize("name", ["smallcnn", "resnet20", "densenet_tiny", "resnext_tiny", "se_resnet_tiny"])
+@pytest.mark.parametrize(
+    "name", ["smallcnn", "resnet20", "densenet_tiny", "resnext_tiny", "se_resnet_tiny", "shufflenet_tiny"]
+)
 def test_onnx_export(name: str, tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     model = build_model(name, 3, 10).eval()

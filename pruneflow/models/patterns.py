@@ -4,6 +4,7 @@
 - ``resnext_tiny``: ResNeXt bottlenecks with grouped (groups>1, not depthwise) 3x3 convs and residual add.
 - ``se_resnet_tiny``: residual blocks with squeeze-and-excitation channel gating (channel multiply).
 - ``mobilenet_tiny``: a depthwise-separable block followed by inverted residuals (one with a skip).
+- ``shufflenet_tiny``: ShuffleNet V2 units (channel split, two branches, concat, channel shuffle).
 """
 
 from __future__ import annotations
@@ -239,6 +240,114 @@ class MobileNetTiny(nn.Module):
         return self.classifier(x)
 
 
+# --------------------------------------------------------------------------- ShuffleNet V2 (tiny)
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle: ``(N, C, H, W) -> (N, g, C/g, H, W) -> swap the two channel axes ->
+    (N, C, H, W)``, i.e. output channel ``i * g + k`` is input channel ``k * C/g + i``.
+
+    Written as a module so that pruning can recognise it: Torch-Pruning cannot map channel indices
+    through view -> transpose -> view (it treats the transpose as element-wise, and its reshape
+    mapping can fail outright). :mod:`pruneflow.prune` treats this module as a channel boundary:
+    filters whose channels reach a shuffle are not prunable; the convolutions inside a unit are.
+    """
+
+    def __init__(self, groups: int = 2):
+        super().__init__()
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if not torch.jit.is_tracing() and c % self.groups:
+            raise ValueError(f"ChannelShuffle: {c} channels cannot be split into {self.groups} groups")
+        return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+
+def _conv_bn(in_planes: int, out_planes: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+             relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_planes, out_planes, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_planes),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet V2 unit.
+
+    stride 1: split the channels in half; one half passes through, the other goes through
+    1x1 -> depthwise 3x3 -> 1x1; concatenate; shuffle.
+    stride 2: both branches see the whole input (branch1: depthwise 3x3 /2 -> 1x1; branch2:
+    1x1 -> depthwise 3x3 /2 -> 1x1); concatenate; shuffle.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int = 1):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if out_planes % 2:
+            raise ValueError(f"out_planes must be even, got {out_planes}")
+        half = out_planes // 2
+        if stride == 1 and in_planes != out_planes:
+            raise ValueError(f"a stride-1 unit keeps its width: in_planes {in_planes} != out_planes {out_planes}")
+        self.stride = stride
+        self.branch1: nn.Module | None = None
+        if stride == 2:
+            self.branch1 = nn.Sequential(
+                _conv_bn(in_planes, in_planes, 3, stride, groups=in_planes, relu=False), _conv_bn(in_planes, half)
+            )
+        branch_in = in_planes if stride == 2 else half
+        self.branch2 = nn.Sequential(
+            _conv_bn(branch_in, half),
+            _conv_bn(half, half, 3, stride, groups=half, relu=False),
+            _conv_bn(half, half),
+        )
+        self.shuffle = ChannelShuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch1 is None:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return self.shuffle(out)
+
+
+class ShuffleNetTiny(nn.Module):
+    """stem 3x3 -> two stages of ShuffleNet V2 units (a stride-2 unit, then stride-1 units) -> 1x1 -> fc."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, units_per_stage: int = 3):
+        super().__init__()
+        if units_per_stage < 1:
+            raise ValueError(f"units_per_stage must be >= 1, got {units_per_stage}")
+        widths = (24, 48, 96)
+        self.conv1 = _conv_bn(in_channels, widths[0], 3)
+        stages = []
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
+            units = [ShuffleUnit(c_in, c_out, 2)] + [ShuffleUnit(c_out, c_out, 1) for _ in range(units_per_stage - 1)]
+            stages.append(nn.Sequential(*units))
+        self.stage2, self.stage3 = stages
+        self.conv5 = _conv_bn(widths[-1], 128)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, num_classes)
+        init_cnn_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = self.stage3(self.stage2(x))
+        x = self.avgpool(self.conv5(x))
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
 # --------------------------------------------------------------------------- registration
 
 
@@ -264,3 +373,8 @@ def se_resnet_tiny(in_channels: int, num_classes: int, reduction: int = 4) -> SE
 @register_model("mobilenet_tiny")
 def mobilenet_tiny(in_channels: int, num_classes: int) -> MobileNetTiny:
     return MobileNetTiny(in_channels, num_classes)
+
+
+@register_model("shufflenet_tiny")
+def shufflenet_tiny(in_channels: int, num_classes: int, units_per_stage: int = 3) -> ShuffleNetTiny:
+    return ShuffleNetTiny(in_channels, num_classes, units_per_stage=units_per_stage)
