@@ -22,7 +22,7 @@ CRITERIA = ("l1", "l2", "bn-scale", "taylor", "random")
 #: Models of the built-in registry (``pruneflow.models``; a test checks the two agree).
 MODEL_NAMES = (
     "densenet_tiny", "mobilenet_tiny", "mobilenetv2", "resnet110", "resnet20", "resnet32", "resnet44",
-    "resnet56", "resnext_tiny", "se_resnet_tiny", "smallcnn", "vgg11", "vgg16",
+    "resnet56", "resnext_tiny", "se_resnet_tiny", "shufflenet_tiny", "smallcnn", "vgg11", "vgg16",
 )
 
 #: Data sets ``pruneflow.data`` can load.

@@ -154,3 +154,9 @@ def test_readme_conf_table_is_the_generated_one():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("<!-- conf-keys", 1)[1].split("-->", 1)[1].split("<!-- /conf-keys -->", 1)[0]
     assert block.strip() == trial_conf.markdown_table(trial_conf.conf_keys()), "run `pruneflow conf` into the README"
+
+
+def test_model_names_are_the_registry():
+    from pruneflow.models import list_models
+
+    assert sorted(MODEL_NAMES) == list_models()
