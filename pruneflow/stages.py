@@ -156,7 +156,7 @@ def ensure_baseline(spec: TrialSpec, progress: Progress = _quiet) -> dict:
         return _baseline_info(ckpt)
     if not settings.is_named_baseline(str(ckpt)):
         raise SpecError(
-            f"baseline.checkpoint: {ckpt} not found; give a baseline name (trained into "
+            f"baseline.checkpoint: {ckpt}: checkpoint not found; give a baseline name (trained into "
             f"{settings.baselines_root()} on first use) or train one with `pruneflow baseline --out DIR`")
     from filelock import FileLock
 
