@@ -70,6 +70,12 @@ class PruningGroup(_Strict):
     criterion: Criterion | None = Field(None, description="overrides the trial's criterion for this group")
 
 
+class BnRecalibration(_Strict):
+    samples: int = Field(512, ge=0, description="training images the BatchNorm statistics of the pruned model are "
+                         "re-estimated on, no gradient step; 0 turns it off (at most the training split's size)")
+    batch_size: int = Field(64, ge=1, le=65536, description="batch size of the recalibration")
+
+
 class PruningSpec(_Strict):
     groups: list[PruningGroup] = Field(
         default_factory=list, description="JSON list of {name, patterns (globs over layer names), sparsity "
@@ -78,6 +84,7 @@ class PruningSpec(_Strict):
     round_to: int | None = Field(None, ge=1, le=512, description="keep a multiple of this many channels in each "
                                  "pruned layer")
     ignored_layers: list[str] = Field(default_factory=list, description="glob patterns of layers never pruned")
+    bn_recalibration: BnRecalibration = Field(default_factory=BnRecalibration)
     distiller_schedule: str | None = Field(
         None, description="path of an Intel Distiller compression schedule; its pruners become groups"
     )

@@ -255,19 +255,35 @@ def prune(spec: TrialSpec, progress: Progress = _quiet) -> dict:
                      calib=calib, seed=spec.seed)
     masked = masked_copy(model, plan)
     top1, loss = evaluate(masked, *data.val)
+    recal = _recalibrate(spec, plan, masked, data)
+    top1_recal, loss_recal = evaluate(masked, *data.val) if recal.get("samples") else (top1, loss)
     base = payload["meta"]
     if "val_top1" in base and base.get("dataset") == spec.dataset.model_dump():
         base_top1, base_loss = base["val_top1"], base["val_loss"]
     else:
         base_top1, base_loss = evaluate(model, *data.val)
     _write(trial_dir, "plan.json", plan)
-    metrics = {"top1": top1, "loss": loss, "baseline_top1": base_top1, "baseline_loss": base_loss,
+    metrics = {"top1": top1, "loss": loss, "top1_recalibrated": top1_recal, "loss_recalibrated": loss_recal,
+               "recalibration": recal, "baseline_top1": base_top1, "baseline_loss": base_loss,
                "chance_top1": 100.0 / data.num_classes}
     _write(trial_dir, "masked_metrics.json", metrics)
     summary = ", ".join(f"{g['name']} {g['achieved_sparsity']:.2f}" for g in plan["groups"]) or "dense"
-    progress(f"prune: {summary}; masked Top-1 {top1:.2f}% (baseline {base_top1:.2f}%)")
+    recal_txt = f"recalibrated {top1_recal:.2f}%" if recal.get("samples") else f"not recalibrated: {recal['skipped']}"
+    progress(f"prune: {summary}; Top-1 pruned {top1:.2f}%, {recal_txt} (baseline {base_top1:.2f}%)")
     return {"plan": str(trial_dir / "plan.json"), "top1_masked": top1, "loss_masked": loss,
-            "groups": {g["name"]: g["achieved_sparsity"] for g in plan["groups"]}}
+            "top1_recalibrated": top1_recal, "groups": {g["name"]: g["achieved_sparsity"] for g in plan["groups"]}}
+
+
+def _recalibrate(spec: TrialSpec, plan: dict, model, data) -> dict:
+    """Re-estimate the BatchNorm statistics of a pruned model in place (see :mod:`pruneflow.recalibrate`);
+    the same images for the masked model (prune) and its thinned copy (thinnify)."""
+    from pruneflow.recalibrate import calibration_images, recalibrate
+
+    if not any(layer.get("removed") for layer in plan.get("layers", [])):
+        return {"bn_layers": None, "samples": 0, "skipped": "nothing was pruned"}
+    rc = spec.pruning.bn_recalibration
+    images = calibration_images(data.train[0], rc.samples, spec.seed)
+    return recalibrate(model, images, rc.batch_size)
 
 
 def thinnify(spec: TrialSpec, progress: Progress = _quiet, tolerance: float = 1e-4) -> dict:
@@ -287,16 +303,17 @@ def thinnify(spec: TrialSpec, progress: Progress = _quiet, tolerance: float = 1e
     diff = max_output_difference(masked, thinned, x)
     if not diff <= tolerance:
         raise RuntimeError(f"thinned model differs from the masked model by {diff:.3g} (tolerance {tolerance})")
+    recal = _recalibrate(spec, plan, thinned, data)  # after the check: both were compared as pruned
     params_before, macs_before = count_params_and_macs(model, shape)
     params_after, macs_after = count_params_and_macs(thinned, shape)
     ckpt = save_checkpoint(trial_dir / "thinned.pt", thinned, payload["model"], shape, history,
-                           meta={"baseline": spec.baseline.checkpoint})
+                           meta={"baseline": spec.baseline.checkpoint, "recalibration": recal})
     baseline_size = Path(spec.baseline.checkpoint).stat().st_size
     info = {
         "max_abs_diff": diff, "tolerance": tolerance, "params_before": params_before, "params_after": params_after,
         "macs_before": macs_before, "macs_after": macs_after, "checkpoint_bytes_before": baseline_size,
         "checkpoint_bytes_after": ckpt.stat().st_size, "checkpoint": str(ckpt),
-        "check_batch": int(x.shape[0]), "torch_threads": torch.get_num_threads(),
+        "check_batch": int(x.shape[0]), "torch_threads": torch.get_num_threads(), "recalibration": recal,
     }
     _write(trial_dir, "thin.json", info)
     progress(f"thinnify: params {params_before:,} -> {params_after:,}, MACs {macs_before:,} -> {macs_after:,}, "
@@ -340,6 +357,11 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
     else:
         ckpt = trial_dir / "thinned.pt"
     top1, loss = evaluate(model, *data.val)
+    if ft.epochs == 0 and (payload["meta"].get("recalibration") or {}).get("samples"):
+        # a rapid trial's estimate is its recalibrated Top-1: at chance, export and benchmark are not worth it
+        reason = chance_rule(data.num_classes, 0, ft.chance_margin)({"epoch": 0, "val_top1": top1})
+        if reason:
+            reason = f"rapid trial: recalibrated {reason.replace('validation ', '').replace(' after 0 epoch(s)', '')}"
     test_top1, test_loss = evaluate(model, *data.test)
     result = {"epochs": history, "epochs_requested": ft.epochs, "epochs_run": len(history), "top1": top1,
               "loss": loss, "test_top1": test_top1, "test_loss": test_loss, "checkpoint": str(ckpt),

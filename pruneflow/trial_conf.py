@@ -55,6 +55,8 @@ _NAMES: dict[tuple[str, ...], tuple[str, str]] = {
     ("pruning", "round_to"): ("round_to", "Round to"),
     ("pruning", "ignored_layers"): ("ignored_layers", "Ignored layers"),
     ("pruning", "distiller_schedule"): ("distiller_schedule", "Distiller schedule"),
+    ("pruning", "bn_recalibration", "samples"): ("bn_recalibration_samples", "BatchNorm recalibration images"),
+    ("pruning", "bn_recalibration", "batch_size"): ("bn_recalibration_batch_size", "Recalibration batch size"),
     ("finetune", "epochs"): ("epochs", "Fine-tuning epochs"),
     ("finetune", "lr"): ("lr", "Learning rate"),
     ("finetune", "optimizer"): ("optimizer", "Optimizer"),
