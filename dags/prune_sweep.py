@@ -8,8 +8,9 @@
   once, their benchmarks one at a time through the benchmark pool.
 * **tell** tells the search what the results DB recorded: succeeded trials their objective values,
   abandoned ones pruned, failed ones failed — a failed trial never stops the sweep.
-* **next_round** triggers the next round while trials remain; the last round writes the report to
-  ``out/reports/<study>/``.
+* **next_round** triggers the next round while screening trials remain, then one run per promotion
+  stage (``promote``: the previous stage's best trials fine-tuned, successive halving); the last run
+  writes the report to ``PRUNEFLOW_REPORTS/<study>/``.
 
 A run of an existing study continues it with ``n_trials`` more trials.
 """
@@ -39,10 +40,12 @@ with DAG(
 
     @task(execution_timeout=timedelta(minutes=10))
     def ask(params: dict | None = None) -> list[dict]:
-        from pruneflow.sweep import ask_round
+        from pruneflow.sweep import ask_round, promote_round
         from pruneflow.sweep_conf import remaining_trials, sweep_from_conf, trial_conf
 
         sweep = sweep_from_conf({k: params[k] for k in PARAMS})
+        if params.get("stage"):
+            return [trial_conf(spec) for spec in promote_round(sweep, int(params["stage"]), print)]
         k = min(sweep.parallel, remaining_trials(params, sweep))
         if k <= 0:
             return []
@@ -60,23 +63,22 @@ with DAG(
         from pruneflow.report import write_report
         from pruneflow.settings import reports_root
         from pruneflow.sweep import tell_round
-        from pruneflow.sweep_conf import next_round_conf, remaining_trials, sweep_from_conf
+        from pruneflow.sweep_conf import next_conf, sweep_from_conf
 
         sweep = sweep_from_conf({k: params[k] for k in PARAMS})
         told = tell_round(sweep, [c["spec_overrides"] for c in confs], print)
-        remaining = max(0, remaining_trials(params, sweep) - len(confs))
+        nxt = next_conf({k: params[k] for k in PARAMS}, sweep, len(confs))
         report = None
-        if remaining == 0 and params.get("report", True):
+        if nxt is None and params.get("report", True):
             report = write_report(sweep.trial_spec().db, sweep.study, reports_root() / sweep.study)["report"]
             print(f"report: {report}")
-        return {"told": told, "remaining": remaining, "report": report,
-                "next_conf": next_round_conf({k: params[k] for k in PARAMS}, remaining)}
+        return {"told": told, "report": report, "next_conf": nxt}
 
     told = tell(asked)
 
     @task.short_circuit
     def more_trials(result: dict) -> bool:
-        return result["remaining"] > 0
+        return result["next_conf"] is not None
 
     next_round = TriggerDagRunOperator(
         task_id="next_round", trigger_dag_id="prune_sweep", logical_date=None,

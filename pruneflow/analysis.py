@@ -23,7 +23,9 @@ def study_rows(db_url: str, study: str) -> list[dict]:
             r["targets"] = targets
             r["dense"] = not any(v > 0 for v in targets.values())
             r["epochs"] = store.epochs(r["trial_id"])
-            r["number"] = ((r.get("spec_json") or {}).get("sweep") or {}).get("optuna_trial_number")
+            link = (r.get("spec_json") or {}).get("sweep") or {}
+            r["number"] = link.get("optuna_trial_number")
+            r["stage"], r["parent"] = link.get("stage", 0), link.get("parent")
     finally:
         store.close()
     # trial number order (trials of a round run at once, so creation order is not the search's order)
@@ -71,8 +73,59 @@ def feasible(sweep, rows: list[dict]) -> list[dict]:
     return ok
 
 
+def final_stage_rows(rows: list[dict]) -> list[dict]:
+    """The trials a study's answer is made of: those of its last promotion stage with a measured trial (the
+    fine-tuned ones), or all of them when nothing was promoted; the dense reference stays in."""
+    stages = [r.get("stage") or 0 for r in measured(rows)]
+    last = max(stages, default=0)
+    return [r for r in rows if (r.get("stage") or 0) == last or r["dense"]]
+
+
+def crowding_distance(points: list[tuple[float, float]]) -> list[float]:
+    """NSGA-II's crowding distance of each point of one front (objectives: minimise both coordinates)."""
+    n = len(points)
+    dist = [0.0] * n
+    for k in range(2):
+        order = sorted(range(n), key=lambda i: points[i][k])
+        lo, hi = points[order[0]][k], points[order[-1]][k]
+        dist[order[0]] = dist[order[-1]] = math.inf
+        if hi == lo:
+            continue
+        for j in range(1, n - 1):
+            dist[order[j]] += (points[order[j + 1]][k] - points[order[j - 1]][k]) / (hi - lo)
+    return dist
+
+
+def promotion_order(sweep, rows: list[dict]) -> list[dict]:
+    """The measured, pruned trials best first for promotion under the sweep's objective: Top-1 for top1;
+    Top-1 among those within the latency budget for top1_under_latency (fine-tuning never changes latency);
+    the fastest above the Top-1 floor, then the rest by Top-1 (fine-tuning raises Top-1) for
+    latency_over_top1; for pareto the non-dominated fronts in turn, each by crowding distance."""
+    ok = [r for r in measured(rows) if not r["dense"]]
+    if sweep.objective == "top1":
+        return sorted(ok, key=lambda r: -r["top1_final"])
+    if sweep.objective == "top1_under_latency":
+        within = {r["trial_id"] for r in feasible(sweep, rows)}
+        return sorted((r for r in ok if r["trial_id"] in within), key=lambda r: -r["top1_final"])
+    if sweep.objective == "latency_over_top1":
+        above = sorted((r for r in ok if r["top1_final"] >= sweep.top1_floor), key=lambda r: r["latency_median_ms"])
+        return above + sorted((r for r in ok if r["top1_final"] < sweep.top1_floor), key=lambda r: -r["top1_final"])
+    if sweep.objective == "pareto":
+        order, rest = [], list(ok)
+        while rest:
+            front = pareto_front(rest)
+            dist = crowding_distance([(r["latency_median_ms"], -r["top1_final"]) for r in front])
+            order += [r for _, r in sorted(zip(dist, front, strict=True), key=lambda p: -p[0])]
+            ids = {r["trial_id"] for r in front}
+            rest = [r for r in rest if r["trial_id"] not in ids]
+        return order
+    raise ValueError(f"objective {sweep.objective!r} has no promotion ranking")
+
+
 def best_rows(sweep, rows: list[dict]) -> list[dict]:
-    """The best trial(s) for the sweep's objective; never an infeasible one (empty if none is feasible)."""
+    """The best trial(s) for the sweep's objective among the study's final stage (its fine-tuned trials when
+    it promoted any); never an infeasible one (empty if none is feasible)."""
+    rows = final_stage_rows(rows)
     ok = feasible(sweep, rows)
     if not ok:
         return []

@@ -135,6 +135,8 @@ class SweepLink(_Strict):
     """Set on trials a sweep asked for: which search trial this is, and how to stop it early."""
 
     optuna_trial_number: int = Field(..., ge=0, description="number of the trial in the Optuna study")
+    stage: int = Field(0, ge=0, description="0: a rapid screen's trial; N: promoted by the sweep's promotion stage N")
+    parent: Id | None = Field(None, description="the trial this one was promoted from")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
 
 
@@ -189,8 +191,12 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
+        msg = error_message(err)
+        if not loc and msg.startswith("Value error, "):  # a model-level check: its message names the field
+            lines.append(f"{prefix}{msg.removeprefix('Value error, ')}")
+            continue
         field = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "spec"
-        lines.append(f"{field}: {error_message(err)}")
+        lines.append(f"{field}: {msg}")
     return "invalid trial spec:\n  " + "\n  ".join(lines)
 
 

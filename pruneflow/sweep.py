@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pruneflow.analysis import best_rows, budget_ms, study_rows
+from pruneflow.analysis import best_rows, budget_ms, promotion_order, study_rows
 from pruneflow.constants import MAX_SPARSITY
 from pruneflow.spec import (
     EarlyStopping,
@@ -58,6 +58,16 @@ class LatencyBudget(_Strict):
     unit: Literal["ms", "fraction"] = Field(..., description="ms, or a fraction of the dense model's latency")
 
 
+class PromotionStage(_Strict):
+    epochs: int = Field(..., ge=1, le=1000, description="fine-tuning epochs of the promoted trials")
+    top: int = Field(..., ge=1, le=100_000, description="how many of the previous stage's best trials are promoted")
+    lr: float | None = Field(None, gt=0, le=10, description="fine-tuning learning rate (default: the base trial's)")
+
+
+#: Objectives whose ranking changes with fine-tuning (Top-1 is part of them): promotion means something.
+PROMOTABLE = ("top1", "top1_under_latency", "latency_over_top1", "pareto")
+
+
 class SweepSpec(_Strict):
     study: Id = Field(..., description="name of the study; an existing study is continued")
     base: dict[str, Any] = Field(default_factory=dict, description="trial spec every trial starts from")
@@ -77,6 +87,10 @@ class SweepSpec(_Strict):
     seed: int = Field(0, ge=0, description="sampler seed")
     include_dense: bool = Field(True, description="measure the dense model first (reference and Pareto mark)")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    promote: list[PromotionStage] = Field(
+        default_factory=list, description="screen, then fine-tune: after the rapid trials, each stage fine-tunes "
+        "the previous stage's best `top` trials for `epochs` (successive halving), e.g. "
+        "[{epochs: 2, top: 6}, {epochs: 8, top: 2}]")
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
@@ -89,6 +103,9 @@ class SweepSpec(_Strict):
             raise ValueError("top1_floor: required for objective latency_over_top1 (Top-1 in percent)")
         if self.latency_budget and self.latency_budget.unit == "fraction" and not self.include_dense:
             raise ValueError("latency_budget: unit 'fraction' needs include_dense: true (the dense latency)")
+        if self.promote and self.objective not in PROMOTABLE:
+            raise ValueError(f"promote: objective {self.objective!r} does not rank by Top-1, so fine-tuning cannot "
+                             f"change which trial is best (promote with: {', '.join(PROMOTABLE)})")
         if self.sampler == "grid":
             missing = [r.name for r in self.space if r.step is None]
             if missing:
@@ -221,6 +238,41 @@ def ask_round(sweep: SweepSpec, k: int) -> list[dict]:
     return specs
 
 
+def promote_round(sweep: SweepSpec, stage: int, progress: Progress | None = None) -> list[dict]:
+    """Promotion stage ``stage`` (1-based): the previous stage's best ``top`` trials for the objective
+    (:func:`pruneflow.analysis.promotion_order`), each as a new trial with the same sparsities fine-tuned for
+    the stage's epochs, told to the search like any trial (it is asked with its parent's parameters).
+    Asking again for a stage returns the trials already asked (a re-run DAG task asks no new ones)."""
+    if not 1 <= stage <= len(sweep.promote):
+        raise SweepError(f"promote: no stage {stage} (the sweep has {len(sweep.promote)})")
+    st = sweep.promote[stage - 1]
+    study = open_study(sweep)
+    rows = study_rows(storage_url(sweep), sweep.study)
+    previous = [r for r in rows if (r.get("stage") or 0) == stage - 1]
+    chosen = promotion_order(sweep, previous)[: st.top]
+    asked = {t.user_attrs.get("trial_id"): t for t in study.trials}
+    specs = []
+    for parent in chosen:
+        tid = f"{sweep.study}-s{stage}-{parent['trial_id'].rsplit('-', 1)[-1]}"
+        spec = dict(parent["spec_json"])
+        spec["finetune"] = {**spec["finetune"], "epochs": st.epochs, **({"lr": st.lr} if st.lr else {})}
+        if tid in asked:
+            number = asked[tid].number
+        else:
+            params = {r.name: float(parent["targets"].get(r.name, 0.0)) for r in sweep.space}
+            study.enqueue_trial(params, user_attrs={"stage": stage, "parent": parent["trial_id"]})
+            trial = study.ask(_distributions(sweep))
+            trial.set_user_attr("trial_id", tid)
+            number = trial.number
+        spec.update({"trial_id": tid, "sweep": {**spec["sweep"], "optuna_trial_number": number, "stage": stage,
+                                                 "parent": parent["trial_id"]}})
+        specs.append(spec)
+    if progress:
+        progress(f"promotion stage {stage}: {len(specs)} of {len(previous)} trials fine-tuned for {st.epochs} "
+                 f"epoch(s): {', '.join(s['sweep']['parent'] for s in specs)}")
+    return specs
+
+
 def _dense_latency(study) -> float | None:
     from optuna.trial import TrialState
 
@@ -327,6 +379,11 @@ def run_sweep(sweep: SweepSpec, progress: Progress = lambda _m: None,
             runner(spec)
         tell_round(sweep, specs, progress)
         started += k
+    for stage in range(1, len(sweep.promote) + 1):
+        specs = promote_round(sweep, stage, progress)
+        for spec in specs:
+            runner(spec)
+        tell_round(sweep, specs, progress)
     return summarize(sweep)
 
 

@@ -40,6 +40,8 @@ EXTRA_KEYS: dict[str, dict[str, Any]] = {
                   "description": "Set by the sweep itself between rounds; leave empty."},
     "round": {"default": 1, "title": "Round", "section": TRIAL, "schema": {"type": "integer", "minimum": 1},
               "description": "Set by the sweep itself; leave at 1."},
+    "stage": {"default": 0, "title": "Promotion stage", "section": TRIAL, "schema": {"type": "integer", "minimum": 0},
+              "description": "Set by the sweep itself: 0 while screening, then each promotion stage; leave at 0."},
     "report": {"default": True, "title": "Write the report", "section": TRIAL, "schema": {"type": "boolean"},
                "description": "Write the study's report (PRUNEFLOW_REPORTS/<study>/) after the last round."},
 }
@@ -87,11 +89,20 @@ def trial_conf(spec: dict[str, Any]) -> dict[str, Any]:
     return {"name": spec["name"], "trial_id": spec["trial_id"], "study": spec["study"], "spec_overrides": spec}
 
 
-def next_round_conf(conf: dict[str, Any] | None, remaining: int) -> dict[str, Any]:
+def next_conf(conf: dict[str, Any] | None, sweep: SweepSpec, ran: int) -> dict[str, Any] | None:
+    """The conf of the sweep's next DAG run after one that ran ``ran`` trials: the next screening round while
+    screening trials remain, then each promotion stage in turn; None when the sweep is done."""
     c = dict(conf or {})
-    c["remaining"] = remaining
+    stage = int(c.get("stage") or 0)
     c["round"] = int(c.get("round") or 1) + 1
-    return c
+    if stage == 0:
+        c["remaining"] = max(0, remaining_trials(conf, sweep) - ran)
+        if c["remaining"] > 0:
+            return c
+    if stage < len(sweep.promote):
+        c.update(stage=stage + 1, remaining=0)
+        return c
+    return None
 
 
 def nightly_studies() -> list[dict[str, Any]]:
