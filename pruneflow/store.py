@@ -1,8 +1,11 @@
 """The results database: trials, per-epoch metrics and benchmarks, through SQLAlchemy.
 
 A SQLite file by default; any SQLAlchemy URL (e.g. postgresql+psycopg2://...) by configuration.
-Rows are keyed by trial id (and epoch, or backend/device/precision), and every write is an
-upsert, so recording a trial twice — a retried or cleared task — updates it, never duplicates it.
+Rows are keyed by trial id (and epoch, or backend/device/precision/threads/hint), and every write is
+one INSERT ... ON CONFLICT DO UPDATE (SQLite and PostgreSQL), so recording a trial twice — a retried
+or cleared task, or two writers at once — updates it, never duplicates it nor fails.
+The schema is versioned (pruneflow.migrations, Alembic): opening a store checks that the DB is at the
+newest revision and migrates it first when it is not.
 Torch-free: the benchmark side may record results too.
 """
 
@@ -23,10 +26,15 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    insert,
     select,
+    text,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from pruneflow.migrations import HEAD, VERSION_TABLE
 
 STATUSES = ("running", "succeeded", "failed", "abandoned")
 
@@ -87,7 +95,8 @@ class Benchmark(Base):
     backend: Mapped[str] = mapped_column(String(32), primary_key=True)
     device: Mapped[str] = mapped_column(String(64), primary_key=True)
     precision: Mapped[str] = mapped_column(String(8), primary_key=True)
-    threads: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    threads: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hint: Mapped[str] = mapped_column(String(16), primary_key=True)  # OpenVINO PERFORMANCE_HINT
     median_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     p90_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     p99_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -101,6 +110,11 @@ class Benchmark(Base):
 
 
 _TRIAL_COLUMNS = {c.name for c in Trial.__table__.columns}
+_EPOCH_COLUMNS = [c.name for c in Epoch.__table__.columns if c.name != "trial_id"]
+_BENCHMARK_KEY = [c.name for c in Benchmark.__table__.primary_key.columns]
+# what a benchmark result may leave out of its settings (pruneflow.bench.settings.BenchmarkOptions defaults)
+_DEFAULT_THREADS, _DEFAULT_HINT = 1, "latency"
+_ON_CONFLICT_DIALECTS = ("sqlite", "postgresql")  # upserts in one statement; others look, then write
 
 
 def make_engine(url: str) -> Engine:
@@ -123,11 +137,64 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def schema_revision(engine: Engine) -> str | None:
+    """The DB's pruneflow schema revision; None before any (no version table)."""
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+    except (OperationalError, ProgrammingError):  # no such table (a connection error: upgrade raises it)
+        return None
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Migrate the DB to the newest schema unless it is there already (the common case: one SELECT)."""
+    if schema_revision(engine) == HEAD:
+        return
+    from pruneflow.migrations import upgrade
+
+    upgrade(engine)
+
+
+def _upsert(conn: Connection, table, rows: dict | list[dict], key: list[str], update: list[str]) -> None:
+    """INSERT rows, or UPDATE the `update` columns of the row with the same key: one atomic statement."""
+    dialect = conn.dialect.name
+    if dialect in _ON_CONFLICT_DIALECTS:
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        stmt = dialect_insert(table)
+        if update:
+            stmt = stmt.on_conflict_do_update(index_elements=key, set_={c: stmt.excluded[c] for c in update})
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=key)
+        conn.execute(stmt, rows)
+        return
+    # another dialect: look, then write (two writers of one new key at once: the second retries as an update)
+    for row in rows if isinstance(rows, list) else [rows]:
+        where = [table.c[k] == row[k] for k in key]
+        for attempt in range(2):
+            try:
+                with conn.begin_nested():
+                    if conn.execute(select(*table.primary_key.columns).where(*where)).first() is None:
+                        conn.execute(insert(table).values(row))
+                    elif update:
+                        conn.execute(table.update().where(*where).values({c: row[c] for c in update}))
+                break
+            except IntegrityError:
+                if attempt:
+                    raise
+
+
 class ResultsStore:
     def __init__(self, url: str):
         self.url = url
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        try:
+            ensure_schema(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -141,42 +208,44 @@ class ResultsStore:
         for key in ("spec_json", "versions_json", "results_json", "sparsities_json"):
             if key in fields and not isinstance(fields[key], (str, type(None))):
                 fields[key] = json.dumps(fields[key], sort_keys=True, default=str)
-        with Session(self.engine) as s, s.begin():
-            row = s.get(Trial, trial_id)
-            if row is None:
-                row = Trial(trial_id=trial_id)
-                s.add(row)
-            for k, v in fields.items():
-                setattr(row, k, v)
-            row.updated_at = _now()
+        now = _now()
+        fields["updated_at"] = now
+        # a new row takes the columns' defaults (name, status, created_at) for what is not given;
+        # an existing one changes only the given fields and updated_at: created_at stays
+        row = {"trial_id": trial_id, "created_at": fields.pop("created_at", now), **fields}
+        with self.engine.begin() as conn:
+            _upsert(conn, Trial.__table__, row, ["trial_id"], sorted(fields))
 
     def set_status(self, trial_id: str, status: str, reason: str | None = None) -> None:
         self.upsert_trial(trial_id, status=status, reason=reason)
 
     def replace_epochs(self, trial_id: str, epochs: list[dict]) -> None:
         """The trial's epoch rows become exactly these (a re-run with fewer epochs leaves no stale rows)."""
-        cols = {c.name for c in Epoch.__table__.columns} - {"trial_id"}
-        with Session(self.engine) as s, s.begin():
-            s.execute(delete(Epoch).where(Epoch.trial_id == trial_id))
-            for e in epochs:
-                s.add(Epoch(trial_id=trial_id, **{k: v for k, v in e.items() if k in cols}))
+        rows = {}
+        for e in epochs:  # one row per epoch, the last given wins
+            rows[e["epoch"]] = {"trial_id": trial_id, **{k: e.get(k) for k in _EPOCH_COLUMNS}}
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # two replacements of one trial at once: one after the other
+                conn.execute(select(Trial.trial_id).where(Trial.trial_id == trial_id).with_for_update())
+            conn.execute(delete(Epoch).where(Epoch.trial_id == trial_id))
+            if rows:
+                _upsert(conn, Epoch.__table__, list(rows.values()), ["trial_id", "epoch"],
+                        [c for c in _EPOCH_COLUMNS if c != "epoch"])
 
     def upsert_benchmark(self, trial_id: str, result: dict) -> None:
+        """Record one result of pruneflow.bench.measure; one row per backend/device/precision/threads/hint."""
         st = result["settings"]
         lat = result["latency_ms"]
-        key = (trial_id, st["backend"], st["device"], st["precision"])
-        with Session(self.engine) as s, s.begin():
-            row = s.get(Benchmark, key)
-            if row is None:
-                row = Benchmark(trial_id=trial_id, backend=key[1], device=key[2], precision=key[3])
-                s.add(row)
-            row.threads = st.get("threads")
-            row.median_ms, row.p90_ms, row.p99_ms = lat["median"], lat["p90"], lat["p99"]
-            row.mean_ms, row.min_ms, row.max_ms = lat["mean"], lat["min"], lat["max"]
-            row.round_median_cv = result.get("round_median_cv")
-            row.throughput_fps = result.get("throughput_fps")
-            row.measured_at = _now()
-            row.result_json = json.dumps(result, sort_keys=True, default=str)
+        row = {
+            "trial_id": trial_id, "backend": st["backend"], "device": st["device"], "precision": st["precision"],
+            "threads": int(st.get("threads") or _DEFAULT_THREADS), "hint": str(st.get("hint") or _DEFAULT_HINT),
+            "median_ms": lat["median"], "p90_ms": lat["p90"], "p99_ms": lat["p99"],
+            "mean_ms": lat["mean"], "min_ms": lat["min"], "max_ms": lat["max"],
+            "round_median_cv": result.get("round_median_cv"), "throughput_fps": result.get("throughput_fps"),
+            "measured_at": _now(), "result_json": json.dumps(result, sort_keys=True, default=str),
+        }
+        with self.engine.begin() as conn:
+            _upsert(conn, Benchmark.__table__, row, _BENCHMARK_KEY, [k for k in row if k not in _BENCHMARK_KEY])
 
     def get_trial(self, trial_id: str) -> dict | None:
         with Session(self.engine) as s:
