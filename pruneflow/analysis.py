@@ -226,3 +226,70 @@ def compute_saved(rows: list[dict]) -> dict:
             saved_epochs += requested - run
     return {"stopped_trials": stopped, "epochs_saved": saved_epochs, "seconds_saved": saved_epochs * mean_epoch,
             "mean_epoch_seconds": mean_epoch}
+
+
+def _ranks(x: list[float]) -> np.ndarray:
+    """Ranks from 1, ties sharing their mean rank."""
+    a = np.asarray(x, dtype=float)
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(1, len(a) + 1)
+    for v in np.unique(a):
+        tied = a == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rho: Pearson's r of the ranks (None with fewer than 3 pairs or a constant side)."""
+    return _pearson(list(_ranks(x)), list(_ranks(y))) if len(x) >= 3 else None
+
+
+def kendall(x: list[float], y: list[float]) -> float | None:
+    """Kendall's tau-b (ties counted as in scipy's default); None with fewer than 3 pairs."""
+    n = len(x)
+    if n < 3:
+        return None
+    conc = disc = tx = ty = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tx += 1
+            elif dy == 0:
+                ty += 1
+            elif dx == dy:
+                conc += 1
+            else:
+                disc += 1
+    denom = math.sqrt((conc + disc + tx) * (conc + disc + ty))
+    return None if denom == 0 else (conc - disc) / denom
+
+
+def prediction_quality(rows: list[dict]) -> dict:
+    """How well the screen predicted fine-tuning: for the trials of the first promotion stage, their screen
+    parent's recalibrated and pruned Top-1 against the Top-1 they reached fine-tuned (Spearman's rho,
+    Kendall's tau), and the fine-tuning compute spent against fine-tuning every screened trial."""
+    by_id = {r["trial_id"]: r for r in rows}
+    pairs = []
+    for r in measured(rows):
+        parent = by_id.get(r.get("parent") or "")
+        if (r.get("stage") or 0) == 1 and parent is not None:
+            pairs.append({"trial_id": r["trial_id"], "parent": parent["trial_id"], "achieved": r["top1_final"],
+                          "recalibrated": parent.get("top1_recalibrated"), "pruned": parent.get("top1_masked")})
+    out: dict = {"pairs": pairs}
+    for key in ("recalibrated", "pruned"):
+        ok = [p for p in pairs if p[key] is not None]
+        x, y = [p[key] for p in ok], [p["achieved"] for p in ok]
+        out[key] = {"n": len(ok), "spearman": spearman(x, y), "kendall": kendall(x, y)}
+    screened = [r for r in rows if (r.get("stage") or 0) == 0 and not r["dense"] and r["status"] != "failed"]
+    promoted = [r for r in rows if (r.get("stage") or 0) >= 1]
+    final_epochs = max((((r.get("spec_json") or {}).get("finetune") or {}).get("epochs", 0) for r in promoted),
+                       default=0)
+    spent = sum(r.get("epochs_run") or 0 for r in promoted)
+    out["compute"] = {"screened": len(screened), "promoted": len(promoted), "epochs_spent": spent,
+                      "epochs_to_fine_tune_all": len(screened) * final_epochs,
+                      "share": spent / (len(screened) * final_epochs) if screened and final_epochs else None}
+    return out

@@ -142,8 +142,9 @@ def best_trial_spec(best: dict) -> dict:
     return spec
 
 
-CSV_COLUMNS = ["trial_id", "status", "reason", "latency_median_ms", "latency_p90_ms", "latency_cv", "top1_masked",
-               "top1_final", "params_after", "macs_after", "epochs_run", "artifact_dir"]
+CSV_COLUMNS = ["trial_id", "status", "reason", "stage", "parent", "latency_median_ms", "latency_p90_ms", "latency_cv",
+               "top1_masked", "top1_recalibrated", "top1_final", "top1_source", "params_after", "macs_after",
+               "epochs_run", "artifact_dir"]
 
 
 def write_report(db_url: str, study: str, out_dir: str | Path) -> dict:
@@ -158,6 +159,7 @@ def write_report(db_url: str, study: str, out_dir: str | Path) -> dict:
     series = analysis.best_so_far(sweep, rows)
     to_best = analysis.trials_to_best(series)
     saved = analysis.compute_saved(rows)
+    quality = analysis.prediction_quality(rows)
     series_label = {"latency": "best latency (ms)", "latency_over_top1": "best feasible latency (ms)",
                     "top1": "best Top-1 (%)", "top1_under_latency": "best feasible Top-1 (%)",
                     "pareto": "hypervolume of the Pareto front"}[sweep.objective]
@@ -183,11 +185,11 @@ def write_report(db_url: str, study: str, out_dir: str | Path) -> dict:
         "by_status": {s: sum(r["status"] == s for r in rows) for s in ("succeeded", "failed", "abandoned", "running")},
         "best": [{"trial_id": r["trial_id"], "latency_median_ms": r["latency_median_ms"], "top1_final": r["top1_final"],
                   "targets": r["targets"]} for r in best],
-        "trials_to_best": to_best, "correlations": corr, "compute_saved": saved,
+        "trials_to_best": to_best, "correlations": corr, "compute_saved": saved, "prediction": quality,
         "report": str(out / "report.html"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.html").write_text(_html(sweep, rows, best, corr, figs, to_best, saved, best_spec, groups))
+    (out / "report.html").write_text(_html(sweep, rows, best, corr, figs, to_best, saved, best_spec, groups, quality))
     return summary
 
 
@@ -212,7 +214,28 @@ def report_source(db_url: str, study: str) -> dict:
             "epochs": int(epochs)}
 
 
-def _html(sweep, rows, best, corr, figs, to_best, saved, best_spec, groups) -> str:
+def _prediction_html(q: dict) -> str:
+    if not q["pairs"]:
+        return "<p>Nothing was promoted: every Top-1 here is the screen's estimate.</p>"
+    e = html.escape
+    stats = "".join(f"<tr><td>{name} Top-1 of the screen</td><td>{q[k]['n']}</td><td>{_fmt(q[k]['spearman'])}</td>"
+                    f"<td>{_fmt(q[k]['kendall'])}</td></tr>"
+                    for k, name in (("recalibrated", "recalibrated"), ("pruned", "pruned (as is)")))
+    pairs = "".join(f"<tr><td><a href='#{_anchor(p['trial_id'])}'>{e(p['trial_id'])}</a></td><td>{e(p['parent'])}</td>"
+                    f"<td>{_fmt(p['pruned'], '.2f')}</td><td>{_fmt(p['recalibrated'], '.2f')}</td>"
+                    f"<td>{_fmt(p['achieved'], '.2f')}</td></tr>" for p in q["pairs"])
+    c = q["compute"]
+    share = f"{100 * c['share']:.0f}%" if c["share"] is not None else "-"
+    return (f"<p>The first promotion stage fine-tuned {len(q['pairs'])} of {c['screened']} screened trials. How well "
+            "the screen's Top-1 predicted the fine-tuned Top-1 (rank correlations):</p>"
+            "<table><tr><th>predictor</th><th>trials</th><th>Spearman &rho;</th><th>Kendall &tau;</th></tr>"
+            f"{stats}</table><p>Fine-tuning spent {c['epochs_spent']} epochs over {c['promoted']} promoted trials, "
+            f"against {c['epochs_to_fine_tune_all']} to fine-tune every screened trial for the last stage's epochs "
+            f"({share}).</p><table><tr><th>promoted trial</th><th>screened as</th><th>Top-1 pruned</th>"
+            f"<th>Top-1 recalibrated</th><th>Top-1 fine-tuned</th></tr>{pairs}</table>")
+
+
+def _html(sweep, rows, best, corr, figs, to_best, saved, best_spec, groups, quality) -> str:
     e = html.escape
     best_ids = {r["trial_id"] for r in best}
     dense = analysis.dense_row(rows)
@@ -228,7 +251,8 @@ def _html(sweep, rows, best, corr, figs, to_best, saved, best_spec, groups) -> s
         f"<tr id='{_anchor(r['trial_id'])}'{' class=best' if r['trial_id'] in best_ids else ''}>"
         f"<td>{e(r['trial_id'])}{' (dense)' if r['dense'] else ''}</td><td>{e(r['status'])}</td>"
         + "".join(f"<td>{r['targets'].get(g, 0.0):.2f}</td>" for g in groups)
-        + f"<td>{_fmt(r.get('latency_median_ms'))}</td><td>{_fmt(r.get('top1_masked'), '.2f')}</td>"
+        + f"<td>{r.get('stage') or 0}</td><td>{_fmt(r.get('latency_median_ms'))}</td>"
+        f"<td>{_fmt(r.get('top1_masked'), '.2f')}</td><td>{_fmt(r.get('top1_recalibrated'), '.2f')}</td>"
         f"<td>{_fmt(r.get('top1_final'), '.2f')}</td><td>{r.get('macs_after') or '-'}</td>"
         f"<td>{e(r.get('reason') or '')}</td><td><code>{e(r.get('artifact_dir') or '')}</code></td></tr>"
         for r in rows)
@@ -265,12 +289,14 @@ over {saved['stopped_trials']} trials.</p>
 <h2>Mean latency by target sparsity</h2>{figs['binned']}
 <h2>Best so far</h2>{figs['best']}
 <h2>MACs against measured latency</h2><p>Where FLOPs mislead: equal MACs, different latency.</p>{figs['macs']}
+<h2>Screen against fine-tuning</h2>{_prediction_html(quality)}
 <h2>Recovery during fine-tuning</h2>{recovery}
 <h2>Best configuration as a trial spec</h2><p>Saved as <code>best_spec.yaml</code>; run it with
 <code>pruneflow trial best_spec.yaml</code>.</p><pre>{spec_text}</pre>
 <h2>All trials</h2>
-<table><tr><th>trial</th><th>status</th>{''.join(f'<th>{e(g)}</th>' for g in groups)}<th>latency ms</th>
-<th>Top-1 pruned</th><th>Top-1 final</th><th>MACs</th><th>reason</th><th>artifacts</th></tr>{trial_rows}</table>
+<table><tr><th>trial</th><th>status</th>{''.join(f'<th>{e(g)}</th>' for g in groups)}<th>stage</th><th>latency ms</th>
+<th>Top-1 pruned</th><th>Top-1 recalibrated</th><th>Top-1 final</th><th>MACs</th><th>reason</th><th>artifacts</th></tr>
+{trial_rows}</table>
 <p>Data: <a href="trials.csv">trials.csv</a>.</p>
 </body></html>
 """

@@ -454,6 +454,8 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
     sparsities = {g["name"]: {"target": g["target_sparsity"], "achieved": g["achieved_sparsity"]}
                   for g in plan.get("groups", [])}
     thin_res = res.get("thin", {})
+    masked = res.get("masked", {})
+    recalibrated = bool((masked.get("recalibration") or {}).get("samples"))
     lat = res.get("latency", {})
     fields = dict(
         name=spec.name, study=spec.study, status=status, reason=reason, model=spec.model.name,
@@ -461,8 +463,13 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
         versions_json=versions(), host=host_info()["host"], sparsities_json=sparsities,
         params_before=thin_res.get("params_before"), params_after=thin_res.get("params_after"),
         macs_before=thin_res.get("macs_before"), macs_after=thin_res.get("macs_after"),
-        top1_masked=res.get("masked", {}).get("top1"), loss_masked=res.get("masked", {}).get("loss"),
+        top1_masked=masked.get("top1"), loss_masked=masked.get("loss"),
+        top1_recalibrated=masked.get("top1_recalibrated") if recalibrated else None,
+        loss_recalibrated=masked.get("loss_recalibrated") if recalibrated else None,
         top1_final=retrain_res.get("top1"), loss_final=retrain_res.get("loss"),
+        top1_source=None if "top1" not in retrain_res else "fine-tuned" if retrain_res.get("epochs_run")
+        else "recalibrated" if recalibrated else "pruned",
+        stage=spec.sweep.stage if spec.sweep else None, parent_trial_id=spec.sweep.parent if spec.sweep else None,
         epochs_run=retrain_res.get("epochs_run"),
         latency_median_ms=lat.get("latency_ms", {}).get("median"), latency_p90_ms=lat.get("latency_ms", {}).get("p90"),
         latency_cv=lat.get("round_median_cv"),
@@ -478,7 +485,8 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
         store.close()
     summary = {"trial_id": spec.trial_id, "status": status, "reason": reason, "sparsities": sparsities,
                "params": fields["params_after"], "macs": fields["macs_after"], "top1_masked": fields["top1_masked"],
-               "top1_final": fields["top1_final"], "latency_median_ms": fields["latency_median_ms"],
+               "top1_recalibrated": fields["top1_recalibrated"], "top1_final": fields["top1_final"],
+               "top1_source": fields["top1_source"], "latency_median_ms": fields["latency_median_ms"],
                "latency_cv": fields["latency_cv"], "trial_dir": str(trial_dir)}
     _write(trial_dir, "result.json", summary)
     progress(f"record: {status} -> {spec.db}")

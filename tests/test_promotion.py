@@ -109,3 +109,49 @@ def test_bad_promotion_is_refused_with_the_field_named(tmp_path, promote, object
     with pytest.raises(SweepError, match=message.replace("(", r"\(")):
         parse_sweep({"study": "x", "objective": objective, "space": SPACE, "promote": promote,
                      "base": {"db": f"sqlite:///{tmp_path / 'r.db'}"}})
+
+
+def test_rank_correlations_equal_scipys():
+    from scipy import stats
+
+    rng = __import__("random").Random(3)
+    for n in (3, 7, 25):
+        x = [round(rng.uniform(0, 100), 0) for _ in range(n)]  # rounding makes ties
+        y = [xi * 0.5 + rng.gauss(0, 20) for xi in x]
+        assert analysis.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
+        assert analysis.kendall(x, y) == pytest.approx(stats.kendalltau(x, y).statistic)
+    assert analysis.spearman([1, 2], [2, 1]) is None
+
+
+def test_prediction_quality_of_a_promoted_sweep(tmp_path):
+    from scipy import stats
+
+    sweep = parse_sweep({"study": "pq", "objective": "pareto", "space": SPACE, "n_trials": 10, "parallel": 5,
+                         "seed": 4, "sampler": "random",
+                         "base": {"artifacts": str(tmp_path / "t"), "db": f"sqlite:///{tmp_path / 'r.db'}"},
+                         "promote": [{"epochs": 3, "top": 5}]})
+
+    def with_estimates(spec_dict):
+        runner(spec_dict)
+        spec = parse_spec(spec_dict)
+        s = {g.name: g.sparsity for g in spec.pruning.groups}
+        store = ResultsStore(spec.db)
+        store.upsert_trial(spec.trial_id, top1_recalibrated=rapid_top1(s.get("a", 0), s.get("b", 0)) + 3,
+                           top1_masked=10.0 + s.get("b", 0))
+        store.close()
+
+    run_sweep(sweep, runner=with_estimates)
+    rows = analysis.study_rows(f"sqlite:///{tmp_path / 'r.db'}", "pq")
+    q = analysis.prediction_quality(rows)
+    stage1 = [r for r in rows if r["stage"] == 1]
+    by_id = {r["trial_id"]: r for r in rows}
+    x = [by_id[r["parent"]]["top1_recalibrated"] for r in stage1]
+    y = [r["top1_final"] for r in stage1]
+    assert q["recalibrated"]["n"] == 5
+    assert q["recalibrated"]["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert q["recalibrated"]["kendall"] == pytest.approx(stats.kendalltau(x, y).statistic)
+    xp = [by_id[r["parent"]]["top1_masked"] for r in stage1]
+    assert q["pruned"]["kendall"] == pytest.approx(stats.kendalltau(xp, y).statistic)
+    screened = [r for r in rows if r["stage"] == 0 and not r["dense"]]
+    assert q["compute"] == {"screened": len(screened), "promoted": 5, "epochs_spent": 15,
+                            "epochs_to_fine_tune_all": 3 * len(screened), "share": 15 / (3 * len(screened))}

@@ -25,7 +25,10 @@ Adding a migration (e.g. a new column)
 4. ``pytest tests/test_migrations.py``: it checks that ``HEAD`` is the scripts' head, and that a DB
    migrated to head matches the ORM models exactly on SQLite and PostgreSQL (a model change without
    its migration fails there).
-Never edit a released migration: databases in the field are already past it.
+Never edit a released migration: databases in the field are already past it. Never let a migration
+rebuild ``pf_trials`` on SQLite (what ``batch_alter_table`` does for most changes): dropping the old table
+deletes every epoch and benchmark row through ``ON DELETE CASCADE``; use plain ``op.add_column`` /
+``op.drop_column`` (see 0003), which SQLite runs in place.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
     from sqlalchemy.engine import Connection, Engine
 
-HEAD = "0002"  # the newest revision in versions/: ResultsStore's cheap check compares against it
+HEAD = "0003"  # the newest revision in versions/: ResultsStore's cheap check compares against it
 VERSION_TABLE = "pf_alembic_version"
 BASELINE = "0001"  # the schema of databases made before migrations existed
 LEGACY_TABLES = frozenset({"pf_trials", "pf_epochs", "pf_benchmarks"})
