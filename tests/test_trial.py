@@ -69,8 +69,8 @@ def test_fine_tuning_recovers_and_records_epochs(spec_dict):
 
 def test_chance_level_network_is_abandoned(spec_dict):
     # an impossible learning rate keeps the network at chance; it is stopped after chance_patience epochs
-    spec = parse_spec({**spec_dict, "trial_id": "chance",
-                       "finetune": {"epochs": 3, "lr": 10, "chance_patience": 1, "chance_margin": 100}})
+    # (at the default margin of 0.5 points: tests/test_chance.py checks the margin itself)
+    spec = parse_spec({**spec_dict, "trial_id": "chance", "finetune": {"epochs": 3, "lr": 10, "chance_patience": 1}})
     summary = run_trial(spec)
     assert summary["status"] == "abandoned"
     assert "chance" in summary["reason"]
@@ -140,3 +140,49 @@ def test_benchmark_and_record_stages_run_without_torch(spec_dict):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["latency_median_ms"] > 0
     assert len(ResultsStore(spec.db).benchmarks("notorch")) == 1
+
+
+def _thin_then_perturb(monkeypatch, delta: float) -> None:
+    """pruneflow.prune.thin (as thinnify imports it) returns a model whose last bias is off by delta:
+    the thinned model no longer computes the masked model's function, by exactly delta on one logit."""
+    import torch
+
+    from pruneflow import prune
+
+    real_thin = prune.thin
+
+    def thin(model, plan):
+        thinned, history = real_thin(model, plan)
+        last = [m for m in thinned.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            last.bias[0] += delta
+        return thinned, history
+
+    monkeypatch.setattr(prune, "thin", thin)
+
+
+def test_thinned_model_that_differs_from_the_masked_one_fails_the_trial(spec_dict, monkeypatch):
+    import re
+
+    _thin_then_perturb(monkeypatch, 0.25)
+    spec = parse_spec({**spec_dict, "trial_id": "mismatch"})
+    with pytest.raises(TrialFailed) as exc:
+        run_trial(spec)
+    assert exc.value.stage == "thinnify"
+    measured = re.search(r"thinned model differs from the masked model by (\S+) \(tolerance 0.0001\)", exc.value.reason)
+    assert measured, exc.value.reason
+    assert float(measured.group(1)) == pytest.approx(0.25, abs=1e-3)  # the injected difference, measured
+    row = ResultsStore(spec.db).get_trial("mismatch")
+    assert row["status"] == "failed" and row["reason"] == f"thinnify: {exc.value.reason}"
+    assert json.loads((spec.trial_dir() / "error.json").read_text())["stage"] == "thinnify"
+    assert not (spec.trial_dir() / "thinned.pt").exists()  # nothing downstream sees the wrong model
+
+
+def test_thinned_model_within_the_tolerance_passes(spec_dict, monkeypatch):
+    _thin_then_perturb(monkeypatch, 5e-5)  # below thinnify's tolerance of 1e-4
+    spec = parse_spec({**spec_dict, "trial_id": "within"})
+    stages.prepare(spec)
+    stages.prune(spec)
+    out = stages.thinnify(spec)
+    assert out["max_abs_diff"] == pytest.approx(5e-5, abs=2e-5)
+    assert (spec.trial_dir() / "thinned.pt").is_file()
