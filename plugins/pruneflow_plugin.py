@@ -150,14 +150,16 @@ def create_app() -> FastAPI:
         trial_rows = "".join(
             f"<tr><td>{html.escape(r['trial_id'])}</td><td>{html.escape(r.get('study') or '')}</td>"
             f"<td>{r['status']}</td><td>{_fmt(r.get('latency_median_ms'))}</td>"
-            f"<td>{_fmt(r.get('top1_masked'), '.2f')}</td><td>{_fmt(r.get('top1_final'), '.2f')}</td>"
+            f"<td>{_fmt(r.get('top1_masked'), '.2f')}</td><td>{_fmt(r.get('top1_recalibrated'), '.2f')}</td>"
+            f"<td>{_fmt(r.get('top1_final'), '.2f')}</td><td>{html.escape(r.get('top1_source') or '')}</td>"
             f"<td>{r.get('macs_after') or '-'}</td><td>{html.escape(r.get('reason') or '')}</td></tr>"
             for r in reversed(rows[-200:]))
         return _page("pruneflow", f"""<h1>pruneflow</h1>
 <h2>Studies</h2><table><tr><th>study</th><th>trials</th><th>succeeded</th><th>failed</th><th>stopped early</th></tr>
 {study_rows or '<tr><td colspan=5>no sweeps yet</td></tr>'}</table>
 <h2>Trials (newest first)</h2><table><tr><th>trial</th><th>study</th><th>status</th><th>latency ms</th>
-<th>Top-1 pruned</th><th>Top-1 final</th><th>MACs</th><th>reason</th></tr>{trial_rows}</table>""")
+<th>Top-1 pruned</th><th>Top-1 recalibrated</th><th>Top-1 final</th><th>final is</th><th>MACs</th><th>reason</th></tr>
+{trial_rows}</table>""")
 
     @app.get("/studies/{study}", response_class=HTMLResponse)
     def study_page(study: str):

@@ -70,10 +70,12 @@ def _trial_table(rows: list[dict]) -> str:
             row[f"g:{g}"] = f"{s['achieved']:.2f}" if s else "-"
         out.append(row)
     cols = [("trial_id", "trial"), ("status", "status")] + [(f"g:{g}", g) for g in groups] + [
-        ("params", "params"), ("macs", "MACs"), ("top1_masked", "Top-1 pruned"), ("top1_final", "Top-1 final"),
+        ("params", "params"), ("macs", "MACs"), ("top1_masked", "Top-1 pruned"),
+        ("top1_recalibrated", "Top-1 recal."), ("top1_final", "Top-1 final"), ("top1_source", "final is"),
         ("latency_median_ms", "median ms"), ("latency_cv", "CV")]
     fmt = {"latency_cv": lambda v: "-" if v is None else f"{100 * v:.1f}%",
            "top1_masked": lambda v: "-" if v is None else f"{v:.2f}",
+           "top1_recalibrated": lambda v: "-" if v is None else f"{v:.2f}",
            "top1_final": lambda v: "-" if v is None else f"{v:.2f}",
            "latency_median_ms": lambda v: "-" if v is None else f"{v:.3f}"}
     return format_table(out, cols, fmt)

@@ -132,6 +132,9 @@ def check_plan(spec: TrialSpec) -> dict:
         model = build_model(spec.model.name, data.in_channels, data.num_classes, **spec.model.kwargs)
         shape = list(spec.model.input_shape or data.input_shape)
         targets = resolve_groups(model, shape, group_requests(spec), spec.pruning.ignored_layers)
+        from pruneflow.recalibrate import calibration_images
+
+        calibration_images(data.train[0], spec.pruning.bn_recalibration.samples, spec.seed)  # within the split
     except (ValueError, TypeError) as exc:  # DatasetError, PlanError, ScheduleError, unknown model / kwargs
         raise SpecError(f"invalid trial: {exc}") from None
     return {"model": spec.model.name, "dataset": data.name, "input_shape": shape, "layers": len(targets),
@@ -464,8 +467,9 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
         params_before=thin_res.get("params_before"), params_after=thin_res.get("params_after"),
         macs_before=thin_res.get("macs_before"), macs_after=thin_res.get("macs_after"),
         top1_masked=masked.get("top1"), loss_masked=masked.get("loss"),
-        top1_recalibrated=masked.get("top1_recalibrated") if recalibrated else None,
-        loss_recalibrated=masked.get("loss_recalibrated") if recalibrated else None,
+        # not recalibrated (no BatchNorm, turned off, nothing pruned): the pruned values, and masked_metrics.json
+        # says why
+        top1_recalibrated=masked.get("top1_recalibrated"), loss_recalibrated=masked.get("loss_recalibrated"),
         top1_final=retrain_res.get("top1"), loss_final=retrain_res.get("loss"),
         top1_source=None if "top1" not in retrain_res else "fine-tuned" if retrain_res.get("epochs_run")
         else "recalibrated" if recalibrated else "pruned",

@@ -320,6 +320,7 @@ def tell_round(sweep: SweepSpec, specs: list[dict], progress: Progress | None = 
                 trial = _trial_handle(study, number)
                 trial.set_user_attr("latency_ms", latency)
                 trial.set_user_attr("top1", top1)
+                trial.set_user_attr("top1_source", row.get("top1_source"))  # recalibrated or fine-tuned
                 c = constraint(sweep, latency, top1, budget_ms(sweep, _dense_latency(study)))
                 if c is not None:
                     trial.set_user_attr("constraint", c)

@@ -35,3 +35,10 @@ def not_a_model(**kwargs: object) -> object:
 
 
 NOT_CALLABLE = 42
+
+
+def no_bn(width: int = 8, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A 2-conv CNN without BatchNorm: there is nothing to recalibrate."""
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
