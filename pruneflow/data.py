@@ -67,7 +67,7 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["digits", "cifar10", "imagefolder"] = Field(
-        "digits", description="digits is built in; cifar10 and imagefolder read the folder given as path")
+        "digits", description="the data set: digits is built in; cifar10 and imagefolder read the folder given as path")
     path: str | None = Field(None, description="folder to read from; required for cifar10 and imagefolder, "
                              "ignored for digits")
     image_size: int | None = Field(32, ge=8, le=512, description="images are resized to this many pixels square; "

@@ -1,15 +1,18 @@
 """`make demo`: the main job on the embedded default, end to end.
 
-1. Trains a ResNet-20 baseline on digits (32x32), runs a dense trial and light/medium/heavy rapid
-   trials plus a fine-tuned one in-process, then measures every exported model again with their
-   rounds interleaved in one run, so the speed-ups over the dense model are ratios measured side
-   by side, and prints one table.
-2. Runs one trial through Airflow in-process (`airflow dags test prune_trial`, no servers).
-3. Starts the embedded Airflow, triggers a `pareto` sweep of rapid trials (`prune_sweep`, each trial
-   a `prune_trial` run), waits for it, prints the report's path and the best trade-offs, and stops
-   the servers.
+The default (`--parts sweep`) is what a user of pruneflow does:
 
-This module drives Airflow through its command line and REST API only (pruneflow never imports it).
+1. Trains the ResNet-20 baseline on digits (32x32), once.
+2. Starts the embedded Airflow and triggers a `pareto` sweep (`prune_sweep`): a screen of rapid trials,
+   each a `prune_trial` run whose Top-1 is measured after BatchNorm recalibration, then promotion
+   stages that fine-tune the best of the screen (successive halving) as new `prune_trial` runs.
+3. Prints the answer: the Pareto front of the fine-tuned models, each measured again beside the dense
+   model in one run with their rounds interleaved, so the speed-ups are ratios measured side by side,
+   with the Top-1 the screen predicted and the Top-1 fine-tuning achieved; then the report's path.
+
+`--parts engine` runs a few trials in-process and compares them; `--parts airflow-trial` runs one
+trial through `airflow dags test` (no servers). This module drives Airflow through its command line
+and REST API only (pruneflow never imports it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from pathlib import Path
 from pruneflow.cli import _Progress, _trial_table
 
 GROUPS = ("layer1", "layer2", "layer3")
+#: The demo's promotion stages (epochs:top): fine-tuning settings measured to converge on ResNet-20/digits
+#: (benchmarks/recovery_prediction.py)
+PROMOTE = "3:8,10:4"
+FINETUNE_LR = 0.05
 TRIALS = [  # name, per-group sparsity (of the inner conv of each residual block), fine-tuning epochs
     ("dense", (0.0, 0.0, 0.0), 0),
     ("light", (0.25, 0.25, 0.25), 0),
@@ -53,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--baseline-epochs", type=int, default=15)
     ap.add_argument("--compare-rounds", type=int, default=7)
-    ap.add_argument("--sweep-trials", type=int, default=24)
-    ap.add_argument("--parts", default="engine,airflow-trial,sweep",
-                    help="comma-separated: engine, airflow-trial, sweep")
+    ap.add_argument("--sweep-trials", type=int, default=24, help="rapid trials of the screen (the dense one included)")
+    ap.add_argument("--promote", default=PROMOTE,
+                    help="promotion stages as EPOCHS:TOP,... (each fine-tunes the previous stage's best TOP)")
+    ap.add_argument("--parts", default="sweep", help="comma-separated: sweep, engine, airflow-trial")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     parts = set(args.parts.split(","))
@@ -67,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if "airflow-trial" in parts:
         airflow_trial_demo(out, baseline, progress)
     if "sweep" in parts:
-        sweep_demo(out, baseline, args.sweep_trials, progress)
+        promote = [{"epochs": int(e), "top": int(k)} for e, k in (p.split(":") for p in args.promote.split(","))]
+        sweep_demo(out, baseline, args.sweep_trials, promote, args.compare_rounds, progress)
     print(f"\ndemo done in {time.perf_counter() - t0:.0f} s; everything is under {out}")
     return 0
 
@@ -162,8 +171,9 @@ def airflow_trial_demo(out: Path, baseline: Path, progress) -> None:
     print(f"  results DB: {os.environ['PRUNEFLOW_DB']}   artifacts: {row['artifact_dir']}")
 
 
-def sweep_demo(out: Path, baseline: Path, n_trials: int, progress) -> None:
-    """A pareto sweep through the real embedded Airflow: servers up, sweep by REST, report, servers down."""
+def sweep_demo(out: Path, baseline: Path, n_trials: int, promote: list[dict], compare_rounds: int, progress) -> None:
+    """A pareto sweep through the real embedded Airflow: servers up, sweep by REST (screen, then promotion
+    stages), servers down; then the fine-tuned front measured beside the dense model, and the report."""
     import httpx
 
     airflow_cli, home = _airflow_home(out)
@@ -175,6 +185,7 @@ def sweep_demo(out: Path, baseline: Path, n_trials: int, progress) -> None:
     progress(f"airflow: starting the servers of {home.path} on port {port}")
     airflow_cli.up(home, say=lambda m: progress(f"airflow: {m}"))
     study = f"demo-pareto-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
     try:
         url = f"http://127.0.0.1:{port}"
         password = json.loads(home.passwords.read_text())["admin"]
@@ -188,44 +199,96 @@ def sweep_demo(out: Path, baseline: Path, n_trials: int, progress) -> None:
                     raise RuntimeError(f"DAG {dag_id} did not appear")
                 time.sleep(2)
             client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
-        conf = {"study": study, "objective": "pareto", "sampler": "tpe", "n_trials": n_trials, "parallel": 2,
-                "trial": {"baseline": str(baseline), "rounds": 3, "iterations": 60, "warmup": 10}}
-        progress(f"sweep: triggering prune_sweep, study {study}, {n_trials} rapid trials, 2 at a time")
+        conf = {"study": study, "objective": "pareto", "sampler": "tpe", "n_trials": n_trials, "parallel": 4,
+                "promote": promote,
+                "trial": {"baseline": str(baseline), "lr": FINETUNE_LR, "rounds": 3, "iterations": 60, "warmup": 10}}
+        stages = ", then ".join(f"the best {p['top']} fine-tuned for {p['epochs']} epochs" for p in promote)
+        progress(f"sweep: triggering prune_sweep, study {study}: {n_trials} rapid trials 4 at a time, then {stages}")
         client.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": conf}).raise_for_status()
-        _wait_for_study(client, os.environ["PRUNEFLOW_DB"], study, n_trials, progress)
+        _wait_for_sweep(client, out / "reports" / study, study, progress)
     finally:
         progress("airflow: stopping the servers")
         airflow_cli.stop(home, say=lambda m: progress(f"airflow: {m}"))
+    progress(f"sweep: done in {time.perf_counter() - t0:.0f} s")
+    _print_answer(out, study, compare_rounds, progress)
+
+
+def _print_answer(out: Path, study: str, compare_rounds: int, progress) -> None:
+    """The fine-tuned front, each model measured again beside the dense one (rounds interleaved)."""
+    from pruneflow import analysis
+    from pruneflow.bench import BenchmarkOptions, compare
+    from pruneflow.table import format_table
+
     report_dir = out / "reports" / study
     summary = json.loads((report_dir / "summary.json").read_text())
-    print(f"\nSweep {study}: {summary['trials']} trials {summary['by_status']}")
+    rows = analysis.study_rows(os.environ["PRUNEFLOW_DB"], study)
+    by_id = {r["trial_id"]: r for r in rows}
+    dense = analysis.dense_row(rows)
+    front = [by_id[b["trial_id"]] for b in summary["best"] if not by_id[b["trial_id"]]["dense"]]
+    models = [dense, *front]
+    progress(f"comparing the dense model and the {len(front)} fine-tuned models of the front, rounds interleaved")
+    cmp = compare([Path(r["artifact_dir"]) / "model.xml" for r in models],
+                  BenchmarkOptions(rounds=compare_rounds, iterations=200, threads=1, warmup=50),
+                  labels=[r["trial_id"] for r in models])
+    lat = {m["label"]: m["latency_ms"]["median"] for m in cmp["models"]}
+    table = []
+    for r in models:
+        parent = by_id.get(r.get("parent") or "")
+        screen = parent
+        while screen is not None and screen.get("parent"):  # the screen's trial this one descends from
+            screen = by_id.get(screen["parent"])
+        table.append({
+            "trial": r["trial_id"] + (" (dense)" if r["dense"] else ""),
+            **{g: r["targets"].get(g, 0.0) for g in GROUPS},
+            "macs": r.get("macs_after"), "ms": lat[r["trial_id"]],
+            "speedup": cmp["ratios"][r["trial_id"]]["speedup_paired"],
+            "predicted": (screen or r).get("top1_recalibrated"), "achieved": r["top1_final"],
+            "epochs": r.get("epochs_run") or 0,
+        })
+    cols = [("trial", "trial"), *[(g, g) for g in GROUPS], ("macs", "MACs"), ("ms", "median ms"),
+            ("speedup", "speed-up"), ("predicted", "Top-1 screen"), ("achieved", "Top-1 fine-tuned"),
+            ("epochs", "epochs")]
+    fmt = {g: (lambda v: f"{v:.2f}") for g in GROUPS} | {
+        "ms": lambda v: f"{v:.3f}", "speedup": lambda v: f"{v:.2f}x",
+        "predicted": lambda v: "-" if v is None else f"{v:.2f}", "achieved": lambda v: f"{v:.2f}"}
+    text = format_table(table, cols, fmt)
+    width = max(len(line) for line in text.splitlines())
+    print("\n" + "=" * width)
+    print("pruneflow demo: the fastest accurate ResNet-20s for digits 32x32 on this CPU (OpenVINO f32, 1 thread)")
+    print("=" * width)
+    print(text)
+    q = summary.get("prediction") or {}
+    rec = (q.get("recalibrated") or {})
+    c = q.get("compute") or {}
+    print(f"\nsparsity = fraction of filters removed from each stage's inner convolutions; Top-1 on the validation "
+          f"split.\nTop-1 screen = the rapid trial's Top-1 after BatchNorm recalibration (no training); Top-1 "
+          f"fine-tuned = after promotion.\nspeed-up = paired ratio over the dense model, all measured in one run "
+          f"of {compare_rounds} interleaved rounds.")
+    if rec.get("spearman") is not None:
+        print(f"screen against fine-tuning over {rec['n']} promoted trials: Spearman rho {rec['spearman']:.2f}, "
+              f"Kendall tau {rec['kendall']:.2f}; fine-tuning spent {c.get('epochs_spent')} epochs against "
+              f"{c.get('epochs_to_fine_tune_all')} to fine-tune every screened trial.")
+    print(f"study {study}: {summary['trials']} trials {summary['by_status']}")
     print(f"report: {report_dir / 'report.html'}")
-    print("best trade-offs (the Pareto front, fastest first):")
-    for b in summary["best"]:
-        targets = ", ".join(f"{k} {v:.2f}" for k, v in sorted(b["targets"].items())) or "dense"
-        print(f"  {b['trial_id']}: {b['latency_median_ms']:.3f} ms, Top-1 {b['top1_final']:.2f}%  ({targets})")
+    (report_dir / "demo_front.json").write_text(json.dumps({"rows": table, "comparison": cmp}, indent=2, default=str))
 
 
-def _wait_for_study(client, db: str, study: str, n_trials: int, progress, timeout: float = 3600) -> None:
-    from pruneflow.store import ResultsStore
-
+def _wait_for_sweep(client, report_dir: Path, study: str, progress, timeout: float = 3600) -> None:
+    """Until the sweep's last run has written the report (every run of the study succeeded)."""
     deadline = time.monotonic() + timeout
-    seen = -1
+    seen = None
     while time.monotonic() < deadline:
         runs = client.get("/api/v2/dags/prune_sweep/dagRuns", params={"limit": 200}).json()["dag_runs"]
         mine = [r for r in runs if (r.get("conf") or {}).get("study") == study]
         if any(r["state"] == "failed" for r in mine):
-            raise RuntimeError(f"a prune_sweep round failed: {[r['dag_run_id'] for r in mine]}")
-        store = ResultsStore(db)
-        done = [r for r in store.list_trials(study=study) if r["status"] != "running"]
-        store.close()
-        if len(done) != seen:
-            seen = len(done)
-            progress(f"sweep: {seen}/{n_trials} trials done, round {len(mine)}")
-        if seen >= n_trials and mine and all(r["state"] == "success" for r in mine) and \
-                len(mine) == -(-n_trials // 2):
+            raise RuntimeError(f"a prune_sweep run failed: {[r['dag_run_id'] for r in mine]}")
+        state = (len(mine), max(((r.get("conf") or {}).get("stage") or 0 for r in mine), default=0))
+        if state != seen:
+            seen = state
+            progress(f"sweep: run {state[0]} " + ("(screening)" if state[1] == 0 else f"(promotion stage {state[1]})"))
+        if (report_dir / "summary.json").is_file() and mine and all(r["state"] == "success" for r in mine):
             return
-        time.sleep(5)
+        time.sleep(3)
     raise RuntimeError(f"sweep {study} did not finish in {timeout:.0f} s")
 
 

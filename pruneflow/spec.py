@@ -116,7 +116,7 @@ class FinetuneSpec(_Strict):
 class ExportSpec(_Strict):
     opset: int = Field(18, ge=13, le=23, description="ONNX opset")
     exporter: Literal["torchscript", "dynamo"] = Field(
-        "torchscript", description="torch.onnx exporter: torchscript is ~10x faster to run on small CNNs"
+        "torchscript", description="the torch.onnx exporter: torchscript is ~10x faster to run on small CNNs"
     )
     parity_atol: float = Field(1e-3, gt=0, description="max |ONNX Runtime/OpenVINO - torch| on logits")
     parity_samples: int = Field(8, ge=1, le=1024, description="validation images of the parity check")

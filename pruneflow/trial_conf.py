@@ -81,7 +81,7 @@ _WHOLE = {("sweep",)}
 #: Where the conf's default is the deployment's, not the spec's (None = "use the deployment's").
 _DEPLOYMENT_DEFAULTS = {
     ("trial_id",): "empty: derived from the DAG run id, so the tasks of a run (and any re-run) share it",
-    ("baseline", "checkpoint"): "names are trained into PRUNEFLOW_BASELINES/<name> on first use",
+    ("baseline", "checkpoint"): "the baselines folder is PRUNEFLOW_BASELINES",
     ("artifacts",): "empty: PRUNEFLOW_ARTIFACTS",
     ("db",): "empty: PRUNEFLOW_DB; otherwise one of the URLs the deployment allows (PRUNEFLOW_ALLOWED_DBS)",
     ("dataset", "path"): "on the workers, under a folder of PRUNEFLOW_DATA_ROOTS",
