@@ -398,6 +398,7 @@ def main() -> int:
         st["load_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
         save(st, "resnet20")
     if args.arch in ("both", "resnet56"):
+        resnet56_baseline(args)  # before waiting for phase A: the two overlap when run as two processes
         if args.arch == "resnet56":
             if args.epochs and args.lr:
                 E, lr = args.epochs, args.lr
@@ -498,7 +499,8 @@ def run_resnet20(args, state: dict, left) -> tuple[int, float]:
     return E, lr
 
 
-def run_resnet56(args, state: dict, E: int, lr: float, left) -> None:
+def resnet56_baseline(args) -> Path:
+    """The ResNet-56 digits 32x32 baseline under out/bench/, trained once."""
     from pruneflow.baseline import train_baseline
     from pruneflow.data import DatasetSpec
 
@@ -507,6 +509,11 @@ def run_resnet56(args, state: dict, E: int, lr: float, left) -> None:
         log(f"training the ResNet-56 baseline ({args.arch2_epochs} epochs) into {b56}")
         m = train_baseline("resnet56", DatasetSpec(name="digits", image_size=32), args.arch2_epochs, b56)
         log(f"ResNet-56 baseline: val Top-1 {m['val_top1']:.2f}% ({m['train_seconds']:.0f} s)")
+    return b56
+
+
+def run_resnet56(args, state: dict, E: int, lr: float, left) -> None:
+    b56 = resnet56_baseline(args)
     st56 = state["archs"].setdefault("resnet56", {"baseline": str(b56 / "baseline.pt")})
     a56 = Arch("resnet56", b56 / "baseline.pt", st56)
     st56["baseline_top1"] = a56.payload["meta"].get("val_top1")
