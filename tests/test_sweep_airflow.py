@@ -79,8 +79,9 @@ def test_plugin_page_in_a_real_browser(airflow_servers, browser_context, tmp_pat
     """Chromium logs in to the Airflow UI and opens pruneflow's page: the Pareto plot is on it."""
     s = airflow_servers
     page = browser_context.new_page()
-    page.goto(f"{s.url}/pruneflow/")
-    assert "Not authenticated" in page.content() or page.url.endswith("/pruneflow/")  # no cookie yet: refused
+    refused = page.goto(f"{s.url}/pruneflow/")  # no cookie yet: refused, and nothing of the results shown
+    assert refused.status == 401 and "Not authenticated" in page.content(), (refused.status, page.content()[:500])
+    assert "airflow-sweep" not in page.content()
     page.goto(f"{s.url}/dags/prune_sweep")
     page.locator("input[name=username]").fill("admin")
     page.locator("input[name=password]").fill(s.password)
@@ -91,7 +92,12 @@ def test_plugin_page_in_a_real_browser(airflow_servers, browser_context, tmp_pat
         plugins = client.get("/api/v2/plugins").json()["plugins"]
     mine = next(p for p in plugins if p["name"] == "pruneflow")
     assert [v["name"] for v in mine["external_views"]] == ["Pruning results"]
-    page.goto(f"{s.url}/pruneflow/")
+    served = page.goto(f"{s.url}/pruneflow/")  # logged in: the studies and the trials tables
+    assert served.status == 200
+    studies = page.locator("table").first
+    assert studies.locator("a[href='studies/airflow-sweep']").count() == 1
+    trials = page.locator("table").nth(1).inner_text()
+    assert all(f"airflow-sweep-{i:04d}" in trials for i in range(4)), trials  # the 3 + 1 trials run above
     page.get_by_text("airflow-sweep").first.click()
     page.wait_for_url("**/pruneflow/studies/airflow-sweep")
     plot = page.locator(".pareto-plot svg")
