@@ -70,9 +70,18 @@ class PruningGroup(_Strict):
     criterion: Criterion | None = Field(None, description="overrides the trial's criterion for this group")
 
 
+DEFAULT_RECALIBRATION_SAMPLES = 512  # 0.3 s for ResNet-20; see benchmarks/recovery_prediction.py
+
+
 class BnRecalibration(_Strict):
-    samples: int = Field(512, ge=0, description="training images the BatchNorm statistics of the pruned model are "
-                         "re-estimated on, no gradient step; 0 turns it off (at most the training split's size)")
+    samples: int | None = Field(
+        None, ge=0, description="training images the BatchNorm statistics of the pruned model are re-estimated on, "
+        "no gradient step; 0 turns it off, at most the training split's size; empty: 512, or the whole training "
+        "split when it is smaller")
+
+    def images(self, n_train: int) -> int:
+        """How many images to recalibrate on, for a training split of ``n_train``."""
+        return min(DEFAULT_RECALIBRATION_SAMPLES, n_train) if self.samples is None else self.samples
     batch_size: int = Field(64, ge=1, le=65536, description="batch size of the recalibration")
 
 

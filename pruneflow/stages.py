@@ -134,7 +134,8 @@ def check_plan(spec: TrialSpec) -> dict:
         targets = resolve_groups(model, shape, group_requests(spec), spec.pruning.ignored_layers)
         from pruneflow.recalibrate import calibration_images
 
-        calibration_images(data.train[0], spec.pruning.bn_recalibration.samples, spec.seed)  # within the split
+        rc = spec.pruning.bn_recalibration
+        calibration_images(data.train[0], rc.images(len(data.train[0])), spec.seed)  # within the split
     except (ValueError, TypeError) as exc:  # DatasetError, PlanError, ScheduleError, unknown model / kwargs
         raise SpecError(f"invalid trial: {exc}") from None
     return {"model": spec.model.name, "dataset": data.name, "input_shape": shape, "layers": len(targets),
@@ -285,7 +286,7 @@ def _recalibrate(spec: TrialSpec, plan: dict, model, data) -> dict:
     if not any(layer.get("removed") for layer in plan.get("layers", [])):
         return {"bn_layers": None, "samples": 0, "skipped": "nothing was pruned"}
     rc = spec.pruning.bn_recalibration
-    images = calibration_images(data.train[0], rc.samples, spec.seed)
+    images = calibration_images(data.train[0], rc.images(len(data.train[0])), spec.seed)
     return recalibrate(model, images, rc.batch_size)
 
 

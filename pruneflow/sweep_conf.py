@@ -21,12 +21,13 @@ from pruneflow.trial_conf import DEFAULT_GROUPS, ConfKey, check_unique, generate
 SEARCH, BUDGET, TRIAL = "Search", "Objective and budget", "Trials"
 _SECTION_OF = {"study": SEARCH, "space": SEARCH, "sampler": SEARCH, "n_trials": SEARCH, "parallel": SEARCH,
                "seed": SEARCH, "include_dense": SEARCH, "objective": BUDGET, "latency_budget": BUDGET,
-               "top1_floor": BUDGET, "early_stopping": TRIAL}
+               "top1_floor": BUDGET, "early_stopping": TRIAL, "promote": TRIAL}
 _NAMES = {("study",): ("study", "Study"), ("space",): ("space", "Search space"), ("sampler",): ("sampler", "Sampler"),
           ("n_trials",): ("n_trials", "Trials"), ("parallel",): ("parallel", "Trials at once"),
           ("seed",): ("seed", "Seed"), ("include_dense",): ("include_dense", "Measure the dense model"),
           ("objective",): ("objective", "Objective"), ("latency_budget",): ("latency_budget", "Latency budget"),
-          ("top1_floor",): ("top1_floor", "Top-1 floor"), ("early_stopping",): ("early_stopping", "Early stopping")}
+          ("top1_floor",): ("top1_floor", "Top-1 floor"), ("early_stopping",): ("early_stopping", "Early stopping"),
+          ("promote",): ("promote", "Promotion stages")}
 _FORM_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("study",): "pareto-resnet20-digits",
     ("space",): [{"name": g["name"], "patterns": g["patterns"], "low": 0.0, "high": 0.9, "step": 0.05}

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 # A rapid trial as small as the DAG's Params allow: a 16x16 ResNet-20 baseline trained for 2 epochs
 # (the first trial trains it, the second reuses it), no fine-tuning, 2 rounds x 20 timed calls.
-RAPID = {"image_size": 16, "baseline_epochs": 2, "epochs": 0, "warmup": 5, "rounds": 2, "iterations": 20}
+RAPID = {"image_size": 16, "baseline_epochs": 3, "epochs": 0, "warmup": 5, "rounds": 2, "iterations": 20}
 TRIAL_TIMEOUT = 300
 
 

@@ -22,8 +22,10 @@ from pruneflow.constants import ID_RE
 
 TASKS = ["validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "benchmark", "record"]
 # a rapid trial on a tiny baseline: 16x16 digits, 1 epoch on 256 samples; short benchmark
-FAST = {"image_size": 16, "baseline_epochs": 1, "rounds": 2, "iterations": 20, "warmup": 5,
-        "spec_overrides": {"dataset": {"max_train_samples": 256}}}
+# a rapid trial on a small baseline: 16x16 digits, 3 epochs (enough to stay above chance once pruned and
+# recalibrated); short benchmark
+FAST = {"image_size": 16, "baseline_epochs": 3, "rounds": 2, "iterations": 20, "warmup": 5,
+        "sparsities": {"layer1": 0.25, "layer2": 0.25, "layer3": 0.25}}
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +224,9 @@ def test_rapid_trial_end_to_end_is_recorded(trial_run):
     assert row["status"] == "succeeded", row["reason"]
     assert row["latency_median_ms"] > 0
     assert row["top1_final"] is not None and row["top1_masked"] is not None
-    assert {g: s["achieved"] for g, s in row["sparsities_json"].items()} == {"layer1": 0.5, "layer2": 0.5, "layer3": 0.5}
+    assert {g: s["achieved"] for g, s in row["sparsities_json"].items()} == {"layer1": 0.25, "layer2": 0.25,
+                                                                               "layer3": 0.25}
+    assert row["top1_recalibrated"] > row["top1_masked"] and row["top1_source"] == "recalibrated"
     assert row["params_after"] < row["params_before"]
     assert row["spec_json"]["baseline"]["checkpoint"] == baseline
     assert len(_store().benchmarks(trial_id)) == 1
@@ -259,8 +263,7 @@ def test_failing_stage_fails_the_run_and_records_the_reason(dag, trial_run):
 
 def test_abandoned_trial_skips_export_and_benchmark_and_is_recorded(dag, trial_run):
     # an impossible learning rate keeps the network at chance: retrain abandons it after one epoch
-    dr = _test(dag, run_conf={**FAST, "trial_id": "gave-up", "epochs": 1, "lr": 10, "spec_overrides": {
-        **FAST["spec_overrides"], "finetune": {"chance_patience": 1, "chance_margin": 100}}})
+    dr = _test(dag, run_conf={**FAST, "trial_id": "gave-up", "epochs": 1, "lr": 10, "finetune_chance_patience": 1})
     assert str(dr.state) in ("success", "DagRunState.SUCCESS")
     assert _states(dr) == {**dict.fromkeys(TASKS, "success"), "export": "skipped", "benchmark": "skipped"}
     row = _store().get_trial("gave-up")

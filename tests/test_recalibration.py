@@ -113,3 +113,11 @@ def test_bad_recalibration_settings_are_refused_before_work(spec_dict):
     with pytest.raises(TrialFailed, match="bn_recalibration.samples"):
         run_trial(spec)
     assert not (spec.trial_dir() / "thinned.pt").exists()
+
+
+def test_the_default_recalibrates_on_a_small_split_whole(spec_dict):
+    spec = parse_spec({**spec_dict, "trial_id": "small", "pruning": {"groups": HEAVY},
+                       "dataset": {**spec_dict["dataset"], "max_train_samples": 100}})
+    run_trial(spec)
+    masked = json.loads((spec.trial_dir() / "masked_metrics.json").read_text())
+    assert masked["recalibration"]["samples"] == 100

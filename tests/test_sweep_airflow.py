@@ -12,7 +12,7 @@ from pruneflow import analysis
 
 SPACE = [{"name": "layer1", "patterns": ["layer1.*.conv1"], "low": 0.0, "high": 0.8, "step": 0.2},
          {"name": "layer3", "patterns": ["layer3.*.conv1"], "low": 0.0, "high": 0.8, "step": 0.2}]
-TRIAL = {"image_size": 16, "baseline_epochs": 1, "rounds": 2, "iterations": 20, "warmup": 5}
+TRIAL = {"image_size": 16, "baseline_epochs": 3, "rounds": 2, "iterations": 20, "warmup": 5}
 
 
 def _sweep_runs(client) -> list[dict]:
