@@ -364,6 +364,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, help="resnet56 alone: fine-tuning lr (default: phase A's choice)")
     ap.add_argument("--budget-min", type=float, default=60.0, help="optional checks run only within this wall time")
     ap.add_argument("--report-only", action="store_true", help="print the tables of the saved results")
+    ap.add_argument("--seed-noise-only", type=int, metavar="N",
+                    help="after a finished resnet20 run: fine-tune its first N configurations again with seed 1 "
+                         "(the seed-to-seed noise ceiling) and add them to the saved results")
     ap.add_argument("--quick", action="store_true", help="smoke run (tiny epochs and counts; numbers mean nothing)")
     args = ap.parse_args()
     if args.quick:
@@ -390,6 +393,17 @@ def main() -> int:
 
     def left() -> float:
         return budget - (time.perf_counter() - T0)
+
+    if args.seed_noise_only:
+        st = json.loads((OUT_DIR / "results-resnet20.json").read_text())
+        st20 = st["archs"]["resnet20"]
+        a20 = Arch("resnet20", Path(st20["baseline"]), st20)
+        E, lr = st20["setting"]["epochs"], st20["setting"]["lr"]
+        for c in sorted(st20["configs"], key=lambda c: c["idx"])[: args.seed_noise_only]:
+            a20.finetune(c["idx"], c["sparsities"], E, lr, seed=1)
+            save(st, "resnet20")
+        print(report(load_all()))
+        return 0
 
     if args.arch in ("both", "resnet20"):
         st = {"header": header, "archs": {}}
