@@ -194,6 +194,8 @@ def rows_of(arch_state: dict) -> list[dict]:
             continue
         r = dict(c)
         r["ft_top1"], r["ft_loss"], r["ft_test_top1"] = run["top1"], run["loss"], run["test_top1"]
+        # validation and test splits together (359 + 359 images): a less noisy truth
+        r["ftvt_top1"], r["ftvt_loss"] = (run["top1"] + run["test_top1"]) / 2, (run["loss"] + run["test_loss"]) / 2
         cum = c["cost_ft_prep"]
         for k, h in enumerate(run["history"], 1):
             cum += h["seconds"]
@@ -218,13 +220,13 @@ def _topk(scores, k):
     return set(sorted(range(len(scores)), key=lambda i: -scores[i])[:k])
 
 
-def evaluate_predictors(arch_state: dict, nbins: int = 4) -> tuple[list[dict], dict]:
+def evaluate_predictors(arch_state: dict, nbins: int = 4, truth_key: str = "ft_top1") -> tuple[list[dict], dict]:
     import numpy as np
     from scipy import stats
 
     rows = rows_of(arch_state)
-    truth = [r["ft_top1"] for r in rows]
-    truth_sc = _score(rows, "ft_top1", False)
+    truth = [r[truth_key] for r in rows]
+    truth_sc = _score(rows, truth_key, False)
     order = sorted(range(len(rows)), key=lambda i: rows[i]["macs"])
     bins = [list(b) for b in np.array_split(order, nbins)]
     ft_cost = [r["cost_ft"] for r in rows]
@@ -310,6 +312,29 @@ def report(state: dict) -> str:
                      f"best fine-tuned configuration the predictor ranks first; losses ranked lower-is-better)")
         lines.append(f"measurement noise: Spearman rho of fine-tuned val vs test Top-1 (359 images each) = "
                      f"{fmt(info['rho_val_test'])}")
+        rows = rows_of(st)
+        ft = [r["ft_top1"] for r in rows]
+        base = st.get("baseline_top1") or 0.0
+        lines.append(f"spread of the truth: fine-tuned val Top-1 mean {statistics.mean(ft):.2f}%, sd {statistics.pstdev(ft):.2f}, "
+                     f"{sum(v >= base - 1 for v in ft)}/{len(ft)} within 1 point of the baseline, "
+                     f"{sum(v >= max(ft) - 0.6 for v in ft)}/{len(ft)} within 2 images (0.56 point) of the best")
+        chance = [r for r in rows if r["recal512_top1"] <= 10.0 + 0.5]  # chance_rule(10 classes, margin 0.5)
+        if chance:
+            lines.append(f"recoverability: {len(chance)} configurations have a recalibrated (512) Top-1 within 0.5 point "
+                         f"of chance (the rapid-trial abandon rule); fine-tuned they reach "
+                         f"{min(r['ft_top1'] for r in chance):.2f}-{max(r['ft_top1'] for r in chance):.2f}%")
+        low = min(rows, key=lambda r: r["ft_top1"])
+        lines.append(f"recalibrated (512) Top-1 of all configurations: {min(r['recal512_top1'] for r in rows):.1f}-"
+                     f"{max(r['recal512_top1'] for r in rows):.1f}%; pruned as is: {min(r['pruned_top1'] for r in rows):.1f}-"
+                     f"{max(r['pruned_top1'] for r in rows):.1f}%")
+        lines.append(f"worst fine-tuned: #{low['idx']} {low['sparsities']} {low['ft_top1']:.2f}% (recal512 "
+                     f"{low['recal512_top1']:.1f}%, MACs {low['macs'] / 1e6:.1f} M)")
+        res2, _ = evaluate_predictors(st, truth_key="ftvt_top1")
+        lines += ["", f"{arch}, against the fine-tuned Top-1 on validation + test together (718 images):", ""]
+        lines.append(table(["predictor", "rho", "tau", "rho in MAC bins", "bin best hit", "p@1", "p@3", "p@5"],
+                           [[r["predictor"], fmt(r["rho"]), fmt(r["tau"]), fmt(r["rho_bins"]), fmt(r["bin_best_hit"]),
+                             fmt(r["p1"]), fmt(r["p3"]), fmt(r["p5"])] for r in res2]))
+        st["stats_valtest"] = res2
         if "seed_noise" in info:
             sn = info["seed_noise"]
             lines.append(f"seed noise: fine-tuning seed 0 vs seed 1 on {sn['n']} configurations: Spearman rho "
