@@ -85,7 +85,7 @@ def main() -> int:
     base = statistics.median(times["base"])
     rows = [[name, len(ts), f"{statistics.median(ts):.2f}", f"{min(ts):.2f}", f"{max(ts):.2f}",
              f"{statistics.median(ts) / base:.2f}x"] for name, ts in times.items()]
-    print(machine_header())
+    print(machine_header("rapid_trial_ab — does a change slow a rapid trial?"))
     print(f"base {rev} against this checkout; {args.rounds} interleaved rounds x {args.trials} warm trials per arm; "
           f"load {load_before} -> {load_avg()}; {time.perf_counter() - t0:.0f} s\n")
     print(table(["arm", "trials", "median s", "min s", "max s", "vs base"], rows))

@@ -259,28 +259,24 @@ def prune(spec: TrialSpec, progress: Progress = _quiet) -> dict:
                      calib=calib, seed=spec.seed)
     masked = masked_copy(model, plan)
     top1, loss = evaluate(masked, *data.val)
-    recal = _recalibrate(spec, plan, masked, data)
-    top1_recal, loss_recal = evaluate(masked, *data.val) if recal.get("samples") else (top1, loss)
     base = payload["meta"]
     if "val_top1" in base and base.get("dataset") == spec.dataset.model_dump():
         base_top1, base_loss = base["val_top1"], base["val_loss"]
     else:
         base_top1, base_loss = evaluate(model, *data.val)
     _write(trial_dir, "plan.json", plan)
-    metrics = {"top1": top1, "loss": loss, "top1_recalibrated": top1_recal, "loss_recalibrated": loss_recal,
-               "recalibration": recal, "baseline_top1": base_top1, "baseline_loss": base_loss,
+    metrics = {"top1": top1, "loss": loss, "baseline_top1": base_top1, "baseline_loss": base_loss,
                "chance_top1": 100.0 / data.num_classes}
     _write(trial_dir, "masked_metrics.json", metrics)
     summary = ", ".join(f"{g['name']} {g['achieved_sparsity']:.2f}" for g in plan["groups"]) or "dense"
-    recal_txt = f"recalibrated {top1_recal:.2f}%" if recal.get("samples") else f"not recalibrated: {recal['skipped']}"
-    progress(f"prune: {summary}; Top-1 pruned {top1:.2f}%, {recal_txt} (baseline {base_top1:.2f}%)")
+    progress(f"prune: {summary}; Top-1 pruned {top1:.2f}% (baseline {base_top1:.2f}%)")
     return {"plan": str(trial_dir / "plan.json"), "top1_masked": top1, "loss_masked": loss,
-            "top1_recalibrated": top1_recal, "groups": {g["name"]: g["achieved_sparsity"] for g in plan["groups"]}}
+            "groups": {g["name"]: g["achieved_sparsity"] for g in plan["groups"]}}
 
 
 def _recalibrate(spec: TrialSpec, plan: dict, model, data) -> dict:
-    """Re-estimate the BatchNorm statistics of a pruned model in place (see :mod:`pruneflow.recalibrate`);
-    the same images for the masked model (prune) and its thinned copy (thinnify)."""
+    """Re-estimate the BatchNorm statistics of a thinned model in place (see :mod:`pruneflow.recalibrate`),
+    once, in thinnify: its Top-1 before any fine-tuning is the trial's recalibrated Top-1."""
     from pruneflow.recalibrate import calibration_images, recalibrate
 
     if not any(layer.get("removed") for layer in plan.get("layers", [])):
@@ -344,7 +340,9 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
 
         es = spec.sweep.early_stopping
         extra_rule = median_rule(spec.db, spec.study, spec.trial_id, es.n_startup_trials, es.n_warmup_steps)
+    start = None  # Top-1 and loss of the thinned (recalibrated) model, before any fine-tuning
     if ft.epochs > 0:
+        start = evaluate(model, *data.val)
         chance = chance_rule(data.num_classes, ft.chance_patience, ft.chance_margin)
 
         def on_epoch(m: dict) -> str | None:
@@ -361,13 +359,16 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
     else:
         ckpt = trial_dir / "thinned.pt"
     top1, loss = evaluate(model, *data.val)
-    if ft.epochs == 0 and (payload["meta"].get("recalibration") or {}).get("samples"):
+    recalibrated = bool((payload["meta"].get("recalibration") or {}).get("samples"))
+    if ft.epochs == 0 and recalibrated:
         # a rapid trial's estimate is its recalibrated Top-1: at chance, export and benchmark are not worth it
         reason = chance_rule(data.num_classes, 0, ft.chance_margin)({"epoch": 0, "val_top1": top1})
         if reason:
             reason = f"rapid trial: recalibrated {reason.replace('validation ', '').replace(' after 0 epoch(s)', '')}"
     test_top1, test_loss = evaluate(model, *data.test)
+    start = start or (top1, loss)
     result = {"epochs": history, "epochs_requested": ft.epochs, "epochs_run": len(history), "top1": top1,
+              "top1_start": start[0], "loss_start": start[1], "recalibrated": recalibrated,
               "loss": loss, "test_top1": test_top1, "test_loss": test_loss, "checkpoint": str(ckpt),
               "abandoned": reason is not None, "reason": reason}
     _write(trial_dir, "epochs.json", result)
@@ -459,7 +460,7 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
                   for g in plan.get("groups", [])}
     thin_res = res.get("thin", {})
     masked = res.get("masked", {})
-    recalibrated = bool((masked.get("recalibration") or {}).get("samples"))
+    recalibrated = bool(retrain_res.get("recalibrated"))
     lat = res.get("latency", {})
     fields = dict(
         name=spec.name, study=spec.study, status=status, reason=reason, model=spec.model.name,
@@ -468,9 +469,10 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
         params_before=thin_res.get("params_before"), params_after=thin_res.get("params_after"),
         macs_before=thin_res.get("macs_before"), macs_after=thin_res.get("macs_after"),
         top1_masked=masked.get("top1"), loss_masked=masked.get("loss"),
-        # not recalibrated (no BatchNorm, turned off, nothing pruned): the pruned values, and masked_metrics.json
-        # says why
-        top1_recalibrated=masked.get("top1_recalibrated"), loss_recalibrated=masked.get("loss_recalibrated"),
+        # the thinned model's Top-1 before fine-tuning; not recalibrated (no BatchNorm, turned off, nothing pruned):
+        # the pruned Top-1, and thin.json says why
+        top1_recalibrated=retrain_res.get("top1_start") if recalibrated else masked.get("top1"),
+        loss_recalibrated=retrain_res.get("loss_start") if recalibrated else masked.get("loss"),
         top1_final=retrain_res.get("top1"), loss_final=retrain_res.get("loss"),
         top1_source=None if "top1" not in retrain_res else "fine-tuned" if retrain_res.get("epochs_run")
         else "recalibrated" if recalibrated else "pruned",

@@ -98,6 +98,13 @@ def test_bad_conf_is_refused_and_names_the_field(airflow_servers: AirflowServers
                         json={"logical_date": None, "conf": {"criterion": "largest"}})
         assert r.status_code == 400, r.text
         assert "criterion" in r.text
+        # a conf never names code to import: refused by the Param schema, before any task runs
+        marker = s.out / "marker"
+        r = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": {
+            "model": "os:system", "model_kwargs": {"command": f"touch {marker}"}}})
+        assert r.status_code == 400, r.text
+        assert "model" in r.text and "os:system" in r.text
+        assert not marker.exists()
 
 
 def _wait_for_task(servers: AirflowServers, client: httpx.Client, run_id: str, task_id: str,
