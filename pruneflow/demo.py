@@ -199,11 +199,11 @@ def sweep_demo(out: Path, baseline: Path, n_trials: int, promote: list[dict], co
                     raise RuntimeError(f"DAG {dag_id} did not appear")
                 time.sleep(2)
             client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
-        conf = {"study": study, "objective": "pareto", "sampler": "tpe", "n_trials": n_trials, "parallel": 4,
+        conf = {"study": study, "objective": "pareto", "sampler": "tpe", "n_trials": n_trials, "parallel": 2,
                 "promote": promote,
                 "trial": {"baseline": str(baseline), "lr": FINETUNE_LR, "rounds": 3, "iterations": 60, "warmup": 10}}
         stages = ", then ".join(f"the best {p['top']} fine-tuned for {p['epochs']} epochs" for p in promote)
-        progress(f"sweep: triggering prune_sweep, study {study}: {n_trials} rapid trials 4 at a time, then {stages}")
+        progress(f"sweep: triggering prune_sweep, study {study}: {n_trials} rapid trials 2 at a time, then {stages}")
         client.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": conf}).raise_for_status()
         _wait_for_sweep(client, out / "reports" / study, study, progress)
     finally:
