@@ -29,8 +29,11 @@ fine-tuning. Losses count as "lower is better". If time is left, a second fine-t
 configurations gives the seed-to-seed noise ceiling, and ResNet-56 gets a 2x-epochs convergence check.
 
 Run:  .venv/bin/python benchmarks/recovery_prediction.py [--configs 40 --configs2 20] [--budget-min 60]
-      .venv/bin/python benchmarks/recovery_prediction.py --report-only   (tables from the saved JSON)
-Raw numbers: out/bench/recovery_prediction/results.json; tables: .../result.txt
+      (or the two architectures as two processes at once: --arch resnet20 and --arch resnet56; the latter
+      trains its baseline, then waits for resnet20's phase A to choose the fine-tuning setting)
+      --seed-noise-only N, --arch2-check-only: the optional checks, after a finished run
+      --report-only: the tables from the saved JSON
+Raw numbers: out/bench/recovery_prediction/results-{resnet20,resnet56}.json; tables: .../result.txt
 """
 
 from __future__ import annotations
@@ -392,6 +395,8 @@ def main() -> int:
     ap.add_argument("--seed-noise-only", type=int, metavar="N",
                     help="after a finished resnet20 run: fine-tune its first N configurations again with seed 1 "
                          "(the seed-to-seed noise ceiling) and add them to the saved results")
+    ap.add_argument("--arch2-check-only", action="store_true",
+                    help="after a finished resnet56 run: the 2x-epochs convergence check on two configurations")
     ap.add_argument("--quick", action="store_true", help="smoke run (tiny epochs and counts; numbers mean nothing)")
     args = ap.parse_args()
     if args.quick:
@@ -419,6 +424,14 @@ def main() -> int:
     def left() -> float:
         return budget - (time.perf_counter() - T0)
 
+    if args.arch2_check_only:
+        st = json.loads((OUT_DIR / "results-resnet56.json").read_text())
+        st56 = st["archs"]["resnet56"]
+        a56 = Arch("resnet56", Path(st56["baseline"]), st56)
+        confs56 = {c["idx"]: c["sparsities"] for c in st56["configs"]}
+        convergence_check_56(st, a56, confs56, st56["setting"]["epochs"], st56["setting"]["lr"], lambda: 1e9)
+        print(st.get("phase_a"))
+        return 0
     if args.seed_noise_only:
         st = json.loads((OUT_DIR / "results-resnet20.json").read_text())
         st20 = st["archs"]["resnet20"]
@@ -559,8 +572,13 @@ def run_resnet56(args, state: dict, E: int, lr: float, left) -> None:
     st56["setting"] = {"epochs": E, "lr": lr}
     confs56 = random_configs(args.configs2, seed=1)
     phase_b(a56, st56, confs56, E, lr, lambda: save(state, "resnet56"))
+    convergence_check_56(state, a56, confs56, E, lr, left)
+
+
+def convergence_check_56(state: dict, a56: Arch, confs56: list[list[float]], E: int, lr: float, left) -> None:
+    """Do 2E epochs add more than 0.5 point on ResNet-56? (the most pruned and the median configuration)"""
+    st56 = state["archs"]["resnet56"]
     ft56 = statistics.median(r["train_seconds"] for k, r in st56["finetune_runs"].items() if f"|e{E}|" in k)
-    # do 2E epochs add more than 0.5 point? (the most pruned and the median configuration)
     m56 = {c["idx"]: c["macs"] for c in st56["configs"]}
     chk = sorted(m56, key=m56.get)
     checks = []
@@ -574,7 +592,6 @@ def run_resnet56(args, state: dict, E: int, lr: float, left) -> None:
         state["phase_a"] = {"arch2_check": "resnet56 convergence check: " + "; ".join(
             f"#{i} {confs56[i]}: {E} ep {a:.2f}% vs {2 * E} ep {b:.2f}%" for i, a, b in checks)}
         save(state, "resnet56")
-
 
 if __name__ == "__main__":
     sys.exit(main())
