@@ -30,8 +30,8 @@ from pruneflow.cli import _Progress, _trial_table
 GROUPS = ("layer1", "layer2", "layer3")
 #: The demo's promotion stages (epochs:top): fine-tuning settings measured to converge on ResNet-20/digits
 #: (benchmarks/recovery_prediction.py)
-PROMOTE = "3:8,10:4"
-FINETUNE_LR = 0.05
+PROMOTE = "10:4"
+FINETUNE_LR = 0.02
 TRIALS = [  # name, per-group sparsity (of the inner conv of each residual block), fine-tuning epochs
     ("dense", (0.0, 0.0, 0.0), 0),
     ("light", (0.25, 0.25, 0.25), 0),

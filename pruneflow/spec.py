@@ -146,6 +146,9 @@ class SweepLink(_Strict):
     optuna_trial_number: int = Field(..., ge=0, description="number of the trial in the Optuna study")
     stage: int = Field(0, ge=0, description="0: a rapid screen's trial; N: promoted by the sweep's promotion stage N")
     parent: Id | None = Field(None, description="the trial this one was promoted from")
+    keep_at_chance: bool = Field(
+        False, description="a screen trial of a sweep with promotion stages: a recalibrated Top-1 at chance does not "
+        "abandon it, because fine-tuning recovers such configurations (benchmarks/RESULTS.md, recovery_prediction)")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
 
 

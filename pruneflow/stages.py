@@ -361,10 +361,13 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
     top1, loss = evaluate(model, *data.val)
     recalibrated = bool((payload["meta"].get("recalibration") or {}).get("samples"))
     if ft.epochs == 0 and recalibrated:
-        # a rapid trial's estimate is its recalibrated Top-1: at chance, export and benchmark are not worth it
-        reason = chance_rule(data.num_classes, 0, ft.chance_margin)({"epoch": 0, "val_top1": top1})
-        if reason:
-            reason = f"rapid trial: recalibrated {reason.replace('validation ', '').replace(' after 0 epoch(s)', '')}"
+        # a rapid trial's estimate is its recalibrated Top-1: at chance, export and benchmark are not worth it,
+        # unless promotion stages will fine-tune it (the smallest configurations start at chance and recover)
+        at_chance = chance_rule(data.num_classes, 0, ft.chance_margin)({"epoch": 0, "val_top1": top1})
+        if at_chance and spec.sweep and spec.sweep.keep_at_chance:
+            progress(f"retrain: recalibrated Top-1 {top1:.2f}% is at chance; kept for the sweep's promotion stages")
+        elif at_chance:
+            reason = f"rapid trial: recalibrated {at_chance.replace('validation ', '').replace(' after 0 epoch(s)', '')}"
     test_top1, test_loss = evaluate(model, *data.test)
     start = start or (top1, loss)
     result = {"epochs": history, "epochs_requested": ft.epochs, "epochs_run": len(history), "top1": top1,

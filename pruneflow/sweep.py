@@ -231,7 +231,7 @@ def ask_round(sweep: SweepSpec, k: int) -> list[dict]:
         base["pruning"]["groups"] = groups
         tid = trial_id_for(sweep, trial.number)
         base.update({"name": sweep.study, "trial_id": tid, "study": sweep.study,
-                     "sweep": {"optuna_trial_number": trial.number,
+                     "sweep": {"optuna_trial_number": trial.number, "keep_at_chance": bool(sweep.promote),
                                "early_stopping": sweep.early_stopping.model_dump()}})
         trial.set_user_attr("trial_id", tid)
         specs.append(base)
@@ -265,7 +265,7 @@ def promote_round(sweep: SweepSpec, stage: int, progress: Progress | None = None
             trial.set_user_attr("trial_id", tid)
             number = trial.number
         spec.update({"trial_id": tid, "sweep": {**spec["sweep"], "optuna_trial_number": number, "stage": stage,
-                                                 "parent": parent["trial_id"]}})
+                                                 "parent": parent["trial_id"], "keep_at_chance": False}})
         specs.append(spec)
     if progress:
         progress(f"promotion stage {stage}: {len(specs)} of {len(previous)} trials fine-tuned for {st.epochs} "

@@ -85,6 +85,7 @@ def test_sweep_promotes_the_best_in_stages_and_answers_with_fine_tuned_trials(tm
         parent = next(p for p in screen if p["trial_id"] == r["parent"])
         assert r["targets"] == parent["targets"]  # the same sparsities, fine-tuned
         assert r["spec_json"]["finetune"]["epochs"] == 2
+        assert parent["spec_json"]["sweep"]["keep_at_chance"] and not r["spec_json"]["sweep"]["keep_at_chance"]
     best1 = max(stage1, key=lambda r: r["top1_final"])
     assert [r["parent"] for r in stage2] == [best1["trial_id"]]
     assert stage2[0]["spec_json"]["finetune"] == {**best1["spec_json"]["finetune"], "epochs": 5, "lr": 0.02}

@@ -87,6 +87,14 @@ def test_a_rapid_trial_at_chance_after_recalibration_is_abandoned_before_export(
     assert summary["reason"].startswith("rapid trial: recalibrated Top-1")
     assert not (spec.trial_dir() / "model.onnx").exists() and not (spec.trial_dir() / "latency.json").exists()
 
+    # a screen trial that promotion stages may fine-tune is kept: it is exported and benchmarked
+    kept = parse_spec({**spec_dict, "trial_id": "kept", "pruning": {"groups": groups},
+                       "finetune": {"chance_margin": 5.0},
+                       "sweep": {"optuna_trial_number": 0, "keep_at_chance": True}})
+    summary = run_trial(kept)
+    assert summary["status"] == "succeeded" and summary["top1_recalibrated"] <= 10.0 + 5.0
+    assert (kept.trial_dir() / "latency.json").exists()
+
 
 def test_a_model_without_batchnorm_records_recalibrated_as_pruned_and_why(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
