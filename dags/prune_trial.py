@@ -39,6 +39,11 @@ from pruneflow_airflow.params import trial_params
 
 BENCHMARK_QUEUE = airflow_conf.get("pruneflow", "benchmark_queue", fallback="default")
 BENCHMARK_POOL = airflow_conf.get("pruneflow", "benchmark_pool", fallback="benchmark_cpu")
+# The machine-wide CPU pool: a torch task takes one slot; a benchmark in the same pool takes every slot,
+# so nothing else runs on the CPU while it measures.
+CPU_POOL = airflow_conf.get("pruneflow", "cpu_pool", fallback="") or "default_pool"
+CPU_SLOTS = airflow_conf.getint("pruneflow", "cpu_pool_slots", fallback=1)
+BENCHMARK_SLOTS = CPU_SLOTS if BENCHMARK_POOL == CPU_POOL else 1
 
 with DAG(
     dag_id="prune_trial",
@@ -50,14 +55,17 @@ with DAG(
     tags=["pruneflow"],
     default_args={"owner": "pruneflow", "retries": 0},
 ) as dag:
-    validate = ValidateTrialOperator(task_id="validate", execution_timeout=timedelta(minutes=10))
-    ensure_baseline = EnsureBaselineOperator(task_id="ensure_baseline", execution_timeout=timedelta(hours=6))
-    prune = PruneOperator(task_id="prune", execution_timeout=timedelta(hours=1))
-    thinnify = ThinnifyOperator(task_id="thinnify", execution_timeout=timedelta(hours=1))
-    retrain = RetrainOperator(task_id="retrain", execution_timeout=timedelta(hours=24))
-    export = ExportOperator(task_id="export", execution_timeout=timedelta(hours=1))
+    cpu = {"pool": CPU_POOL, "pool_slots": 1}
+    validate = ValidateTrialOperator(task_id="validate", execution_timeout=timedelta(minutes=10), **cpu)
+    ensure_baseline = EnsureBaselineOperator(task_id="ensure_baseline", execution_timeout=timedelta(hours=6), **cpu)
+    prune = PruneOperator(task_id="prune", execution_timeout=timedelta(hours=1), **cpu)
+    thinnify = ThinnifyOperator(task_id="thinnify", execution_timeout=timedelta(hours=1), **cpu)
+    retrain = RetrainOperator(task_id="retrain", execution_timeout=timedelta(hours=24), **cpu)
+    export = ExportOperator(task_id="export", execution_timeout=timedelta(hours=1), **cpu)
+    # absolute priority: a benchmark waiting for every slot goes before the next trial's torch task
     benchmark = BenchmarkOperator(
-        task_id="benchmark", queue=BENCHMARK_QUEUE, pool=BENCHMARK_POOL, retries=2,
+        task_id="benchmark", queue=BENCHMARK_QUEUE, pool=BENCHMARK_POOL, pool_slots=BENCHMARK_SLOTS,
+        priority_weight=100, weight_rule="absolute", retries=2,
         retry_delay=timedelta(seconds=15), execution_timeout=timedelta(hours=1))
     record = RecordOperator(
         task_id="record", retries=2, retry_delay=timedelta(seconds=10), execution_timeout=timedelta(minutes=10))

@@ -191,10 +191,16 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _pools(home: Home) -> list[tuple[str, int]]:
+    """The benchmark pools (one slot per device), and the machine-wide CPU pool where one is configured:
+    every CPU-heavy task takes one of its slots and a benchmark in it takes them all."""
     s = home.settings()
     names = [n.strip() for n in s.get("pruneflow", "benchmark_pool", fallback="benchmark_cpu").split(",")]
     slots = s.getint("pruneflow", "benchmark_pool_slots", fallback=1)
-    return [(n, slots) for n in names if n]
+    pools = {n: slots for n in names if n}
+    cpu_pool = s.get("pruneflow", "cpu_pool", fallback="").strip()
+    if cpu_pool:
+        pools[cpu_pool] = s.getint("pruneflow", "cpu_pool_slots", fallback=os.cpu_count() or 1)
+    return list(pools.items())
 
 
 def _init_stamp(home: Home) -> Path:

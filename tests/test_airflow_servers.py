@@ -67,10 +67,10 @@ def test_up_is_healthy_idempotent_and_keeps_its_password(airflow_servers: Airflo
     assert status.returncode == 0, status.stdout + status.stderr
     assert f"{s.url}/" in status.stdout and "stopped" not in status.stdout
 
-    # init made the benchmark pool, with one slot.
+    # init made the machine-wide CPU pool, which is also the benchmark pool: a slot per core here.
     with s.client() as client:
         pool = client.get("/api/v2/pools/benchmark_cpu")
-        assert pool.status_code == 200 and pool.json()["slots"] == 1, pool.text
+        assert pool.status_code == 200 and pool.json()["slots"] == 2, pool.text
 
 
 def test_rest_needs_a_token(airflow_servers: AirflowServers):  # noqa: F811
@@ -125,7 +125,7 @@ def _interval(ti: dict) -> tuple[datetime, datetime]:
 
 def test_trials_triggered_by_rest_and_cli_run_to_success(airflow_servers: AirflowServers):  # noqa: F811
     """One trial triggered by REST, one by `airflow dags trigger -c JSON` once the first has trained
-    the shared baseline; they overlap, except for their benchmarks (a pool of one slot)."""
+    the shared baseline; they overlap, except for their benchmarks, which run alone on the CPU."""
     s = airflow_servers
     with s.client() as client:
         s.wait_for_dag(client)
@@ -153,11 +153,19 @@ def test_trials_triggered_by_rest_and_cli_run_to_success(airflow_servers: Airflo
             assert run["state"] == "success", _trial_failure(s, client, run_id, run)
         assert client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/e2e-cli-run").json()["conf"] == cli_conf
 
-        benches = [client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/benchmark").json()
-                   for run_id in (rest_run, "e2e-cli-run")]
-    assert {b["pool"] for b in benches} == {"benchmark_cpu"}
+        tis = [ti for run_id in (rest_run, "e2e-cli-run") for ti in
+               client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances").json()["task_instances"]]
+    benches = [ti for ti in tis if ti["task_id"] == "benchmark"]
+    assert {(b["pool"], b["pool_slots"]) for b in benches} == {("benchmark_cpu", 2)}  # the whole CPU pool
     (a0, a1), (b0, b1) = sorted(_interval(b) for b in benches)
     assert a1 <= b0, f"the two benchmarks overlapped: {a0}..{a1} and {b0}..{b1}"
+    torch_tasks = [ti for ti in tis if ti["task_id"] not in ("benchmark", "record")]
+    assert {(t["pool"], t["pool_slots"]) for t in torch_tasks} == {("benchmark_cpu", 1)}
+    for b in benches:
+        b0, b1 = _interval(b)
+        for t in torch_tasks:
+            t0_, t1_ = _interval(t)
+            assert t1_ <= b0 or t0_ >= b1, f"{t['task_id']} ran beside a benchmark: {t0_}..{t1_}, {b0}..{b1}"
 
     store = ResultsStore(s.results_db)
     for trial_id in ("e2e-rest", "e2e-cli"):
