@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: demo test lint install clean bench system-deps
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+.PHONY: demo test lint install clean bench system-deps bench-env
 
 install: $(STAMP)
 
@@ -17,6 +21,17 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
+# The benchmark worker's environment (as on a device host): Airflow's Celery worker, OpenVINO, ONNX Runtime and
+# pruneflow, without torch. tests/test_bench_env.py runs the benchmark stage in it.
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): requirements-bench.lock pyproject.toml
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-bench.lock
+	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BENCH_PY) -m pip check
+	touch $(BENCH_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m pruneflow.demo --out $(OUT)/demo $(DEMO_ARGS)
 
@@ -26,7 +41,7 @@ lint: $(STAMP)
 system-deps:
 	bash scripts/system-deps.sh
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) $(BENCH_STAMP) system-deps lint
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)

@@ -408,8 +408,14 @@ def export(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     return {"onnx": str(onnx_path), "openvino": str(xml_path), "parity_max_abs_diff": worst}
 
 
-def benchmark(spec: TrialSpec, progress: Progress = _quiet) -> dict:
-    """Torch-free: reads the exported model and the reference outputs, measures, writes latency.json."""
+def benchmark(spec: TrialSpec, progress: Progress = _quiet, worker: dict | None = None) -> dict:
+    """Torch-free: reads the exported model and the reference outputs, measures, writes latency.json.
+
+    latency.json's ``worker`` says who measured: ``host``, ``queue`` (the Celery queue the task ran on,
+    which only the caller knows: the operator passes its ``queue``), ``env`` (the Python environment,
+    ``sys.prefix``), ``python`` and ``cpu_model``; ``worker`` given here adds to it or overrides it."""
+    import sys
+
     import numpy as np
 
     from pruneflow.bench import measure
@@ -421,6 +427,8 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     ref = np.load(trial_dir / "reference.npz")
     result = measure(model_path, opts, check=(ref["input"], ref["output"]), check_atol=spec.export.parity_atol,
                      progress=lambda s: progress(f"benchmark: {s}"))
+    result["worker"] = {"host": result.get("host"), "queue": None, "env": sys.prefix, "python": sys.executable,
+                        "cpu_model": result.get("cpu_model"), **(worker or {})}
     _write(trial_dir, "latency.json", result)
     lat = result["latency_ms"]
     tput = result["throughput"]
@@ -428,9 +436,11 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet) -> dict:
              if tput["method"] == "async_queue" else "")
     progress(f"benchmark: median {lat['median']:.3f} ms (p90 {lat['p90']:.3f}, CV of round medians "
              f"{100 * result['round_median_cv']:.1f}%){extra} on {opts.backend}/{opts.device} "
-             f"at {result['inference_precision'] or opts.precision}")
+             f"at {result['inference_precision'] or opts.precision}; worker {result['worker']['host']} "
+             f"(queue {result['worker']['queue']}, {result['worker']['env']})")
     return {"latency_median_ms": lat["median"], "latency_p90_ms": lat["p90"], "round_median_cv": result["round_median_cv"],
-            "throughput_fps": result["throughput_fps"], "inference_precision": result["inference_precision"]}
+            "throughput_fps": result["throughput_fps"], "inference_precision": result["inference_precision"],
+            "worker": result["worker"]}
 
 
 def collect(trial_dir: Path) -> dict:
@@ -465,6 +475,7 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
     masked = res.get("masked", {})
     recalibrated = bool(retrain_res.get("recalibrated"))
     lat = res.get("latency", {})
+    bench_worker = lat.get("worker") or {}  # who measured (pruneflow.stages.benchmark); none before it existed
     fields = dict(
         name=spec.name, study=spec.study, status=status, reason=reason, model=spec.model.name,
         dataset=spec.dataset.name, artifact_dir=str(trial_dir.resolve()), spec_json=spec.model_dump(mode="json"),
@@ -483,6 +494,7 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
         epochs_run=retrain_res.get("epochs_run"),
         latency_median_ms=lat.get("latency_ms", {}).get("median"), latency_p90_ms=lat.get("latency_ms", {}).get("p90"),
         latency_cv=lat.get("round_median_cv"),
+        bench_host=bench_worker.get("host"), bench_queue=bench_worker.get("queue"), bench_env=bench_worker.get("env"),
         results_json={k: v for k, v in res.items() if k not in ("plan",)},
     )
     store = ResultsStore(spec.db)

@@ -230,10 +230,15 @@ class TrialStageOperator(BaseOperator):
         except SpecError as exc:
             raise AirflowFailException(str(exc)) from None
 
+    def stage_kwargs(self, context: Context) -> dict[str, Any]:
+        """Keyword arguments of this stage's library call besides (spec, progress)."""
+        return {}
+
     def run_stage(self, spec: TrialSpec, context: Context) -> Any:
         from pruneflow import stages
 
-        return json.loads(json.dumps(getattr(stages, self.stage)(spec, self.progress), default=str))
+        out = getattr(stages, self.stage)(spec, self.progress, **self.stage_kwargs(context))
+        return json.loads(json.dumps(out, default=str))
 
 
 class EnsureBaselineOperator(TrialStageOperator):
@@ -304,6 +309,11 @@ class BenchmarkOperator(_AfterRetrain):
     ui_color = "#fff0e0"
     uses_torch = False
     stage = "benchmark"
+
+    def stage_kwargs(self, context: Context) -> dict[str, Any]:
+        # who measured, in latency.json and the results DB: the library knows the host and the environment,
+        # only the task knows its Celery queue (Airflow tells the worker process nothing else)
+        return {"worker": {"queue": self.queue}}
 
 
 class RecordOperator(TrialStageOperator):
