@@ -54,9 +54,12 @@ clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
 
 # The embedded Airflow (scheduler, dag-processor, triggerer, api-server) in .airflow/; results stay in out/.
+# EXECUTOR=celery: the distributed deployment on this machine (Redis, PostgreSQL, Celery workers for the
+# training stages and per device for the benchmark), loopback only; a home keeps the executor of its first init.
+EXECUTOR ?= local
 .PHONY: up down status
 up: $(STAMP)
-	$(PY) -m pruneflow.cli airflow up
+	$(PY) -m pruneflow.cli airflow up --executor $(EXECUTOR)
 
 down: $(STAMP)
 	$(PY) -m pruneflow.cli airflow down

@@ -7,6 +7,11 @@ background processes each in its own process group, with `AIRFLOW_HOME` and the 
 their environment. Trial results live in `PRUNEFLOW_DB` (default `<repo>/out/pruneflow.db`), outside the
 home: neither `down` nor a new `up` touches them.
 
+With `--executor celery` (chosen at the first init, kept by the home) the same home runs the distributed
+deployment on one machine, loopback only: Redis and PostgreSQL (pruneflow.services), the four servers on
+CeleryExecutor, a Celery worker for the training stages (queue `default`) and, per `[pruneflow] devices`,
+a benchmark worker on queue `bench_<device>` with concurrency 1, run by `[pruneflow] bench_python`.
+
 This module never imports Airflow (DAG-free and fast); it only drives the `airflow` command, and finds
 and stops its processes with psutil.
 """
@@ -34,6 +39,8 @@ from pathlib import Path
 
 import psutil
 
+from pruneflow.services import ServiceError, Services
+
 # The repository (dags/, plugins/, out/); PRUNEFLOW_HOME points elsewhere, e.g. a deployed copy.
 REPO = Path(os.environ.get("PRUNEFLOW_HOME") or Path(__file__).resolve().parents[1]).resolve()
 TEMPLATE = Path(__file__).resolve().parents[1] / "airflow.cfg.template"
@@ -43,6 +50,8 @@ USER = "admin"
 PASSWORDS_FILE = "simple_auth_manager_passwords.json"
 # Started in this order, stopped in reverse. The api-server is last up and first down.
 COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
+EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor"}
+WORKER_PREFIX = "worker-"
 # Marks every process this module starts (and, through inheritance, their children): `down` finds
 # stragglers by it, and nothing else carries it.
 MARKER = "PRUNEFLOW_AIRFLOW_SERVER"
@@ -87,6 +96,13 @@ class Home:
         parser.read(self.cfg)
         return parser
 
+    def executor(self) -> str | None:
+        """"local" or "celery" as rendered into airflow.cfg at init; None before init."""
+        if not self.cfg.is_file():
+            return None
+        name = self.settings().get("core", "executor", fallback="LocalExecutor").strip()
+        return "celery" if name.endswith("CeleryExecutor") else "local"
+
     def url(self) -> str:
         s = self.settings()
         return s.get("api", "base_url", fallback=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}").rstrip("/")
@@ -124,7 +140,93 @@ def server_env(home: Home) -> dict[str, str]:
     env.setdefault("PRUNEFLOW_BASELINES", str(out / "baselines"))
     # DAG files and task processes import pruneflow_airflow from the repository.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    if home.executor() == "celery":
+        # The home's PostgreSQL: results and studies in its `pruneflow` database (the URL has no
+        # password; libpq reads it from PGPASSFILE).
+        env.update(Services(home.path).env())
     return env
+
+
+# ------------------------------------------------------------------------------- celery deployment
+
+@dataclass(frozen=True)
+class Worker:
+    name: str  # component name, e.g. worker-bench_cpu0
+    queue: str
+    concurrency: int
+    python: str  # the interpreter that runs `-m airflow celery worker`
+    serve_logs: bool
+
+
+def devices(home: Home) -> list[str]:
+    raw = home.settings().get("pruneflow", "devices", fallback="cpu0")
+    return [d.strip() for d in raw.split(",") if d.strip()]
+
+
+def bench_python(home: Home) -> str:
+    """`[pruneflow] bench_python`, else the repository's torch-free `.venv-bench`, else this interpreter."""
+    configured = home.settings().get("pruneflow", "bench_python", fallback="").strip()
+    if configured:
+        return configured
+    bench = REPO / ".venv-bench" / "bin" / "python"
+    return str(bench) if bench.is_file() else sys.executable
+
+
+def workers(home: Home) -> list[Worker]:
+    if home.executor() != "celery":
+        return []
+    s = home.settings()
+    found = [Worker(WORKER_PREFIX + "default", s.get("operators", "default_queue", fallback="default"),
+                    s.getint("celery", "worker_concurrency", fallback=2), sys.executable, serve_logs=True)]
+    # One worker per device: concurrency 1 (one measurement at a time); its task logs are files in the
+    # shared log folder, so only the training worker serves logs on [logging] worker_log_server_port.
+    found += [Worker(f"{WORKER_PREFIX}bench_{d}", f"bench_{d}", 1, bench_python(home), serve_logs=False)
+              for d in devices(home)]
+    return found
+
+
+def components(home: Home) -> tuple[str, ...]:
+    """Every process `up` starts for this home, in start order."""
+    return COMPONENTS + tuple(w.name for w in workers(home))
+
+
+def _celery_sections(home: Home, svc: Services) -> str:
+    return f"""# Celery deployment (`pruneflow airflow up --executor celery`): the devices of this machine. Each gets
+# a benchmark worker on queue bench_<device> (concurrency 1) and a pool bench_<device> of one slot.
+devices = cpu0
+# Interpreter of the benchmark workers (`<it> -m airflow celery worker`). Empty: <repo>/.venv-bench/bin/python
+# when it exists (torch-free), else the main venv.
+bench_python =
+
+[celery]
+# The broker: this home's Redis on loopback, with its generated password (this file is mode 0600).
+broker_url = {svc.broker_url()}
+# Task states: the metadata database (psycopg2; the password comes from PGPASSFILE, not from the URL).
+result_backend = {svc.pg_url("airflow", prefix="db+postgresql+psycopg2")}
+# Processes of the training worker (queue default): 2 cores, torch uses both.
+worker_concurrency = 2
+# A task is acknowledged once it has finished: one lost with its worker is delivered again.
+task_acks_late = True
+
+[celery_broker_transport_options]
+# Redelivery of an unacknowledged task after 25 h: longer than the longest execution_timeout (retrain, 24 h).
+visibility_timeout = 90000
+"""
+
+
+def _worker_args(home: Home, w: Worker) -> list[str]:
+    args = [w.python, "-m", "airflow", "celery", "worker", "--queues", w.queue, "--concurrency", str(w.concurrency),
+            "--celery-hostname", f"{w.queue}@%h", "--pid", str(home.run / f"celery-{w.name}.pid")]
+    return args + ([] if w.serve_logs else ["--skip-serve-logs"])
+
+
+def _worker_ready(home: Home, w: Worker, offset: int) -> bool:
+    try:
+        with open(home.logfile(w.name), "rb") as fh:
+            fh.seek(offset)
+            return b" ready." in fh.read()
+    except OSError:
+        return False
 
 
 def _airflow(home: Home, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -150,7 +252,7 @@ def _port_in_use(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def render_config(home: Home, port: int, host: str = DEFAULT_HOST) -> str:
+def render_config(home: Home, port: int, host: str = DEFAULT_HOST, executor: str = "local") -> str:
     if not TEMPLATE.is_file():
         raise AirflowCliError(f"template not found: {TEMPLATE}")
     # Airflow's usual side ports for the default install; free ones for any other, so that two homes
@@ -164,13 +266,33 @@ def render_config(home: Home, port: int, host: str = DEFAULT_HOST) -> str:
         "repo": str(REPO),
         "host": host,
         "port": str(port),
+        "executor": EXECUTORS[executor],
+        "sql_alchemy_conn": f"sqlite:///{home.path}/airflow.db",
         "fernet_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
         "secret_key": secrets.token_urlsafe(32),
         "jwt_secret": secrets.token_urlsafe(48),
         "install_id": secrets.token_hex(4),
         "worker_log_port": str(log_ports[0]),
         "trigger_log_port": str(log_ports[1]),
+        "benchmark_pool": "benchmark_cpu",
+        "cpu_pool": "benchmark_cpu",
+        "benchmark_queue": "default",
+        "celery_sections": "",
+        "database_extra": "",
     }
+    if executor == "celery":
+        # Every component (and worker) shares the secrets generated once into the home's secrets.json.
+        svc = Services(home.path)
+        sec = svc.secrets()
+        values.update(
+            sql_alchemy_conn=svc.pg_url("airflow"), fernet_key=sec["fernet_key"], secret_key=sec["secret_key"],
+            jwt_secret=sec["jwt_secret"], benchmark_pool="bench_cpu0", benchmark_queue="bench_cpu0",
+            # Each device has its own worker and pool; the training stages run in default_pool.
+            cpu_pool="", celery_sections=_celery_sections(home, svc),
+            # Airflow derives an asyncpg URL for its async engine, and asyncpg is not installed: empty turns
+            # that engine off (it serves only the dag-run /wait endpoint and multi-team lookups).
+            database_extra="# No async engine (no asyncpg here): only the dag-run /wait endpoint needs it.\n"
+                           "sql_alchemy_conn_async =\n")
     text = TEMPLATE.read_text()
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
@@ -224,18 +346,38 @@ def is_initialized(home: Home) -> bool:
         return False
 
 
+def check_executor(home: Home, executor: str | None) -> str:
+    """The executor of this home: the one it was initialised for (a different request is refused), else
+    the requested one, else local."""
+    have = home.executor()
+    if have is not None and executor is not None and executor != have:
+        raise AirflowCliError(
+            f"{home.path} was initialised for the {have} executor, not {executor}: run "
+            f"`pruneflow airflow up --executor {have}`, or use another --home for the {executor} deployment")
+    return have or executor or "local"
+
+
 def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: bool = False,
-         say=print) -> None:
+         executor: str | None = None, say=print) -> None:
+    executor = check_executor(home, executor)
     home.path.mkdir(parents=True, exist_ok=True)
     for d in (home.run, home.logs):
         d.mkdir(exist_ok=True)
+    if executor == "celery":
+        # Secrets, Redis config and the PostgreSQL cluster first: the metadata DB lives on that server.
+        svc = Services(home.path)
+        try:
+            svc.init(say=say)
+            svc.start(say=say)
+        except ServiceError as exc:
+            raise AirflowCliError(str(exc)) from exc
     if home.cfg.is_file() and not force:
         if port is not None and home.host_port()[1] != port:
             say(f"keeping {home.cfg} (port {home.host_port()[1]}; use --force to re-render it with port {port})")
     else:
         if force and running(home):
             raise AirflowCliError("the servers are running: `pruneflow airflow down` before `init --force`")
-        _write_private(home.cfg, render_config(home, port or DEFAULT_PORT, host))
+        _write_private(home.cfg, render_config(home, port or DEFAULT_PORT, host, executor))
         say(f"wrote {home.cfg} from {TEMPLATE.name}")
 
     t0 = time.monotonic()
@@ -244,6 +386,10 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
     for name, slots in _pools(home):
         _airflow(home, "pools", "set", name, str(slots), f"pruneflow: {slots} slot(s), benchmarks never overlap")
         say(f"pool {name}: {slots} slot(s)")
+    for w in workers(home):
+        if w.name != WORKER_PREFIX + "default" and w.queue not in dict(_pools(home)):
+            _airflow(home, "pools", "set", w.queue, "1", "pruneflow: one benchmark at a time on this device")
+            say(f"pool {w.queue}: 1 slot(s)")
 
     if home.passwords.is_file():
         say(f"admin password: stored in {home.passwords}")
@@ -251,7 +397,7 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
         password = secrets.token_urlsafe(16)
         _write_private(home.passwords, json.dumps({USER: password}) + "\n")
         say(f"user: {USER}\npassword: {password}   (shown once; stored in {home.passwords}, mode 0600)")
-    _write_private(_init_stamp(home), json.dumps({"airflow": _airflow_version(),
+    _write_private(_init_stamp(home), json.dumps({"airflow": _airflow_version(), "executor": executor,
                                                   "at": datetime.now(UTC).isoformat()}) + "\n")
 
 
@@ -322,9 +468,11 @@ def _read_pid(home: Home, name: str) -> Proc | None:
     ps = Proc(pid, start).process()
     if ps is None:
         return None
-    # Same start time (no pid reuse), still leading its own process group, still airflow.
+    # Same start time (no pid reuse), still leading its own process group, still airflow (a Celery worker
+    # retitles itself "[celeryd: ...]").
     try:
-        if os.getpgid(pid) != pid or "airflow" not in " ".join(ps.cmdline()):
+        cmd = " ".join(ps.cmdline())
+        if os.getpgid(pid) != pid or not ("airflow" in cmd or "celery" in cmd):
             return None
         return Proc.of(ps)
     except (OSError, psutil.Error):
@@ -333,14 +481,14 @@ def _read_pid(home: Home, name: str) -> Proc | None:
 
 def running(home: Home) -> dict[str, int]:
     """Component name -> pid of each running server of this home."""
-    return {name: p.pid for name in COMPONENTS if (p := _read_pid(home, name)) is not None}
+    return {name: p.pid for name in components(home) if (p := _read_pid(home, name)) is not None}
 
 
 def server_processes(home: Home) -> list[Proc]:
     """Every live process of this home's servers: the components, everything in their process groups,
     any process still carrying the home's marker, and all their descendants (task processes included)."""
     me = os.getpid()
-    roots = {p.pid: p.ps for name in COMPONENTS if (p := _read_pid(home, name)) is not None}
+    roots = {p.pid: p.ps for name in components(home) if (p := _read_pid(home, name)) is not None}
     found: dict[int, psutil.Process] = dict(roots)
     for ps in psutil.process_iter():
         if ps.pid in found or ps.pid == me:
@@ -373,10 +521,10 @@ def server_processes(home: Home) -> list[Proc]:
     return sorted(procs)
 
 
-def _start(home: Home, name: str) -> Proc:
+def _start(home: Home, name: str, args: list[str] | None = None) -> Proc:
     env = server_env(home)
     env[MARKER] = str(home.path)
-    args = [airflow_executable(), name]
+    args = args or [airflow_executable(), name]
     log = open(home.logfile(name), "ab")  # noqa: SIM115 - handed to the child
     try:
         log.write(f"\n==== pruneflow airflow up: {' '.join(args)} at {datetime.now(UTC).isoformat()}\n".encode())
@@ -426,15 +574,23 @@ def _log_tail(home: Home, name: str, lines: int = 25) -> str:
 
 
 def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: float = 180,
-       say=print) -> None:
+       executor: str | None = None, say=print) -> None:
+    t_up = time.monotonic()
+    executor = check_executor(home, executor)
     if not is_initialized(home):
-        init(home, port=port, host=host, say=say)
-    elif port is not None and home.host_port()[1] != port:
-        say(f"note: {home.cfg} uses port {home.host_port()[1]}, not {port} (init --force to change it)")
+        init(home, port=port, host=host, executor=executor, say=say)
+    else:
+        if port is not None and home.host_port()[1] != port:
+            say(f"note: {home.cfg} uses port {home.host_port()[1]}, not {port} (init --force to change it)")
+        if executor == "celery":
+            try:
+                Services(home.path).start(say=say)
+            except ServiceError as exc:
+                raise AirflowCliError(str(exc)) from exc
     url = home.url()
     host, port = home.host_port()
     already = running(home)
-    missing = [n for n in COMPONENTS if n not in already]
+    missing = [n for n in components(home) if n not in already]
     if not missing:
         say(f"already running ({', '.join(f'{n} {p}' for n, p in already.items())})")
         _print_access(home, url, say)
@@ -445,8 +601,15 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
     since = datetime.now(UTC)
     t0 = time.monotonic()
     started = {}
+    offsets = {}
     for name in missing:
+        if name.startswith(WORKER_PREFIX):
+            continue
         started[name] = _start(home, name)
+    for w in workers(home):
+        if w.name in missing:
+            offsets[w.name] = home.logfile(w.name).stat().st_size if home.logfile(w.name).exists() else 0
+            started[w.name] = _start(home, w.name, _worker_args(home, w))
     say(f"started {', '.join(f'{n} (pid {p.pid})' for n, p in started.items())}; logs in {home.logs}/")
     # A component restarted now must heartbeat after `since`; one already running just needs to be healthy.
     need_fresh = since if set(missing) & {"scheduler", "dag-processor", "triggerer"} else None
@@ -459,19 +622,22 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
                                       + _log_tail(home, name))
         report = health(url)
         bad = _healthy_since(report, need_fresh)
+        bad += [w for w, off in offsets.items() if not _worker_ready(home, next(x for x in workers(home) if x.name == w), off)]
         if not bad:
             break
         time.sleep(0.5)
     else:
         raise AirflowCliError(f"not healthy after {timeout:.0f}s ({', '.join(bad)}); see {home.logs}/*.log "
                               "(`pruneflow airflow down` stops what was started)")
-    say(f"healthy after {time.monotonic() - t0:.1f}s")
+    say(f"healthy after {time.monotonic() - t0:.1f}s (`up` took {time.monotonic() - t_up:.1f}s)")
     _print_access(home, url, say)
 
 
 def _print_access(home: Home, url: str, say) -> None:
     say(f"Airflow UI: {url}/   user: {USER}   password: in {home.passwords}")
     say(f"results DB: {server_env(home)['PRUNEFLOW_DB']}")
+    for w in workers(home):
+        say(f"celery worker {w.name}: queue {w.queue}, concurrency {w.concurrency}, python {w.python}")
 
 
 def _signal(p: Proc, sig: int, group: bool = False) -> None:
@@ -498,27 +664,51 @@ def _wait_gone(procs: list[Proc], seconds: float) -> list[Proc]:
     return left
 
 
+def _tree(procs: list[Proc]) -> list[Proc]:
+    """The processes and all their live descendants."""
+    found = list(procs)
+    for p in procs:
+        try:
+            kids = ps.children(recursive=True) if (ps := p.process()) is not None else []
+            found += [Proc.of(k) for k in kids if _live(k)]
+        except psutil.Error:
+            pass
+    return found
+
+
 def stop(home: Home, grace: float = 30, say=print) -> None:
     """SIGTERM each component's process group (api-server first) and let Airflow shut down cleanly;
-    after `grace` seconds SIGKILL whatever is left of them, task processes included."""
-    comps = {name: p for name in COMPONENTS if (p := _read_pid(home, name)) is not None}
+    after `grace` seconds SIGKILL whatever is left of them, task processes included.
+
+    Celery workers go first, with a warm shutdown (SIGTERM to the worker alone: it takes no new task and
+    waits for its running ones, which still need the API server); then the servers; then PostgreSQL and
+    Redis, which keep every committed row and queued message on disk."""
+    names = components(home)
+    comps = {name: p for name in names if (p := _read_pid(home, name)) is not None}
     procs = server_processes(home)
-    for name in reversed(COMPONENTS):
-        if name in comps:
+    t0 = time.monotonic()
+    worker_comps = [p for n, p in comps.items() if n.startswith(WORKER_PREFIX)]
+    for p in worker_comps:
+        _signal(p, signal.SIGTERM)
+    if worker_comps:
+        _wait_gone(sorted(set(_tree(worker_comps))), grace)
+    for name in reversed(names):
+        if name in comps and not name.startswith(WORKER_PREFIX):
             _signal(comps[name], signal.SIGTERM, group=True)
-    left = _wait_gone(procs, grace)
+    left = _wait_gone(procs, max(1.0, grace - (time.monotonic() - t0)))
     # Anything started during the shutdown (a task process forked at the last moment) counts too.
     left = sorted(set(left) | set(server_processes(home)))
     for p in left:
         _signal(p, signal.SIGKILL, group=p in comps.values())
         _signal(p, signal.SIGKILL)
     stuck = _wait_gone(left, 10)
-    for name in COMPONENTS:
+    for name in names:
         home.pidfile(name).unlink(missing_ok=True)
     if stuck:
         raise AirflowCliError(f"could not stop pid(s) {', '.join(str(p.pid) for p in stuck)}")
-    if comps or procs:
-        say(f"stopped {', '.join(f'{n} (pid {p.pid})' for n, p in comps.items()) or 'stray processes'}"
+    services = Services(home.path).stop() if home.executor() == "celery" else []
+    if comps or procs or services:
+        say(f"stopped {', '.join([f'{n} (pid {p.pid})' for n, p in comps.items()] + services) or 'stray processes'}"
             f" ({len(procs)} process(es))" + (f"; SIGKILLed {len(left)} after {grace:.0f}s" if left else ""))
     else:
         say("nothing running")
@@ -530,15 +720,26 @@ def status(home: Home, say=print) -> int:
         return 3
     pids = running(home)
     url = home.url()
-    for name in COMPONENTS:
-        say(f"{name:14s} {'running, pid ' + str(pids[name]) if name in pids else 'stopped'}")
+    names = components(home)
+    queues = {w.name: (w.queue, w.python) for w in workers(home)}
+    celery = home.executor() == "celery"
+    for name in names:
+        state = 'running, pid ' + str(pids[name]) if name in pids else 'stopped'
+        if not celery:
+            say(f"{name:14s} {state}")
+            continue
+        queue, python = queues.get(name, ("-", airflow_executable()))
+        say(f"{name:18s} {state:22s} queue {queue:12s} env {Path(python).parent.parent}")
+    if celery:
+        for line in Services(home.path).status_lines():
+            say(line)
     report = health(url) if "api-server" in pids else None
     if report is not None:
         parts = [f"{k}={(report.get(k) or {}).get('status')}" for k in ("metadatabase", *HEALTH_KEYS)]
         say(f"health: {' '.join(parts)}")
     say(f"URL: {url}/   user: {USER}   password: in {home.passwords}")
     say(f"home: {home.path}")
-    return 0 if len(pids) == len(COMPONENTS) and report is not None and not _healthy_since(report, None) else 1
+    return 0 if len(pids) == len(names) and report is not None and not _healthy_since(report, None) else 1
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -547,9 +748,9 @@ def _cmd(args) -> int:
     home = resolve_home(args.home)
     try:
         if args.airflow_command == "init":
-            init(home, port=args.port, host=args.host, force=args.force)
+            init(home, port=args.port, host=args.host, force=args.force, executor=args.executor)
         elif args.airflow_command == "up":
-            up(home, port=args.port, host=args.host, timeout=args.timeout)
+            up(home, port=args.port, host=args.host, timeout=args.timeout, executor=args.executor)
         elif args.airflow_command == "down":
             stop(home, grace=args.grace)
         else:
@@ -567,13 +768,17 @@ def add_airflow_parser(subparsers) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", help="Airflow home (default: $PRUNEFLOW_AIRFLOW_HOME or <repo>/.airflow)")
     for name, text in (("init", "render airflow.cfg once, migrate the metadata DB, create pools and the admin password"),
-                       ("up", "init if needed, start scheduler, dag-processor, triggerer and api-server, wait until healthy"),
+                       ("up", "init if needed, start scheduler, dag-processor, triggerer and api-server (celery: and Redis, "
+                               "PostgreSQL, the Celery workers), wait until healthy"),
                        ("down", "stop every server process started by `up`"),
                        ("status", "which servers are running, their health, the URL")):
         s = sub.add_parser(name, help=text, description=text, parents=[common])
         if name in ("init", "up"):
             s.add_argument("--port", type=int, help=f"API server port at first init (default {DEFAULT_PORT})")
             s.add_argument("--host", default=DEFAULT_HOST, help="API server host at first init (default 127.0.0.1)")
+            s.add_argument("--executor", choices=sorted(EXECUTORS), default=None,
+                           help="local (default for a new home): LocalExecutor, SQLite; celery: Redis, PostgreSQL and "
+                                "Celery workers on loopback. A home keeps the executor of its first init")
         if name == "init":
             s.add_argument("--force", action="store_true", help="re-render airflow.cfg (new secrets) over an existing one")
         if name == "up":

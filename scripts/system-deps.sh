@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # System packages the test suite starts for real on loopback: a PostgreSQL server (results DB on
-# PostgreSQL) and a headless Chromium (the Airflow UI browser test, driven by Playwright through
+# PostgreSQL, and the Celery deployment's databases), a Redis server (its broker) and a headless Chromium (the Airflow UI browser test, driven by Playwright through
 # executable_path; Playwright's own browser download is never used). Installs only what is missing,
 # and only as root (apt-get); otherwise says what to install.
 set -euo pipefail
 missing=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
   missing+=(postgresql)
+fi
+if ! [ -x /usr/bin/redis-server ] && ! command -v redis-server >/dev/null 2>&1; then
+  missing+=(redis-server)
 fi
 if ! [ -x /usr/bin/chromium ] && ! command -v chromium >/dev/null 2>&1; then
   missing+=(chromium)
