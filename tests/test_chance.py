@@ -46,10 +46,10 @@ def test_patience_epochs_are_given_first():
 
 
 def test_diverged_trial_is_abandoned_at_the_default_margin(spec_dict):
-    """lr 10 blows the weights up: the network predicts one class (10.03 % on digits' val split, which is
-    above 100/n = 10 %, inside the 0.5-point margin). Nothing but the margin is given: the default."""
+    """Adam at lr 10 blows the weights up: validation Top-1 stays at or below chance (SGD at lr 10 drifted to
+    10.6 % by epoch 2 on this torch build, outside the 0.5-point margin). Nothing but the margin is given."""
     spec = parse_spec({**spec_dict, "trial_id": "diverged",
-                       "finetune": {"epochs": 3, "lr": 10, "chance_patience": 2}})
+                       "finetune": {"epochs": 3, "lr": 10, "optimizer": "adam", "chance_patience": 2}})
     assert spec.finetune.chance_margin == MARGIN
     summary = run_trial(spec)
     row = ResultsStore(spec.db).get_trial("diverged")
