@@ -26,7 +26,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from pruneflow.services import ServiceError, Services
+from pruneflow.services import ServiceError, Services, free_port, port_open, write_private
 
 # The repository (dags/, plugins/, out/); PRUNEFLOW_HOME points elsewhere, e.g. a deployed copy.
 REPO = Path(os.environ.get("PRUNEFLOW_HOME") or Path(__file__).resolve().parents[1]).resolve()
@@ -240,26 +239,14 @@ def _airflow(home: Home, *args: str, check: bool = True, timeout: float = 300) -
 
 # ----------------------------------------------------------------------------------------------- init
 
-def _free_port(host: str = DEFAULT_HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
 def render_config(home: Home, port: int, host: str = DEFAULT_HOST, executor: str = "local") -> str:
     if not TEMPLATE.is_file():
         raise AirflowCliError(f"template not found: {TEMPLATE}")
     # Airflow's usual side ports for the default install; free ones for any other, so that two homes
     # (the user's and a test's) can run side by side.
-    log_ports = [8793, 8794] if port == DEFAULT_PORT else [_free_port(host)]
+    log_ports = [8793, 8794] if port == DEFAULT_PORT else [free_port(host)]
     while len(log_ports) < 2:
-        if (p := _free_port(host)) not in (port, *log_ports):
+        if (p := free_port(host)) not in (port, *log_ports):
             log_ports.append(p)
     values = {
         "home": str(home.path),
@@ -300,16 +287,6 @@ def render_config(home: Home, port: int, host: str = DEFAULT_HOST, executor: str
         raise AirflowCliError("airflow.cfg.template has an unknown placeholder: "
                               + text[text.index("{{"):].split("}}")[0] + "}}")
     return text
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Create (or replace) a file readable by its owner only."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 def _pools(home: Home) -> list[tuple[str, int]]:
@@ -377,7 +354,7 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
     else:
         if force and running(home):
             raise AirflowCliError("the servers are running: `pruneflow airflow down` before `init --force`")
-        _write_private(home.cfg, render_config(home, port or DEFAULT_PORT, host, executor))
+        write_private(home.cfg, render_config(home, port or DEFAULT_PORT, host, executor))
         say(f"wrote {home.cfg} from {TEMPLATE.name}")
 
     t0 = time.monotonic()
@@ -395,9 +372,9 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
         say(f"admin password: stored in {home.passwords}")
     else:
         password = secrets.token_urlsafe(16)
-        _write_private(home.passwords, json.dumps({USER: password}) + "\n")
+        write_private(home.passwords, json.dumps({USER: password}) + "\n")
         say(f"user: {USER}\npassword: {password}   (shown once; stored in {home.passwords}, mode 0600)")
-    _write_private(_init_stamp(home), json.dumps({"airflow": _airflow_version(), "executor": executor,
+    write_private(_init_stamp(home), json.dumps({"airflow": _airflow_version(), "executor": executor,
                                                   "at": datetime.now(UTC).isoformat()}) + "\n")
 
 
@@ -595,7 +572,7 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
         say(f"already running ({', '.join(f'{n} {p}' for n, p in already.items())})")
         _print_access(home, url, say)
         return
-    if "api-server" in missing and _port_in_use(host, port):
+    if "api-server" in missing and port_open(port, host):
         raise AirflowCliError(f"port {port} on {host} is taken by another program: free it, or "
                               f"`pruneflow airflow init --force --port N` to use another port")
     since = datetime.now(UTC)

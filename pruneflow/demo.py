@@ -149,7 +149,7 @@ def airflow_trial_demo(out: Path, baseline: Path, progress) -> None:
     airflow_cli, home = _airflow_home(out)
     if not airflow_cli.is_initialized(home):
         progress(f"airflow: initialising the demo Airflow home {home.path}")
-        airflow_cli.init(home, port=airflow_cli._free_port(), say=lambda m: progress(f"airflow: {m}"))
+        airflow_cli.init(home, port=airflow_cli.free_port(), say=lambda m: progress(f"airflow: {m}"))
     conf = {"trial_id": "demo-airflow", "baseline": str(baseline),
             "sparsities": {"layer1": 0.25, "layer2": 0.25, "layer3": 0.25},
             "rounds": 3, "iterations": 60}
@@ -177,7 +177,7 @@ def sweep_demo(out: Path, baseline: Path, n_trials: int, promote: list[dict], co
     import httpx
 
     airflow_cli, home = _airflow_home(out)
-    port = airflow_cli._free_port()
+    port = airflow_cli.free_port()
     if not airflow_cli.is_initialized(home):
         airflow_cli.init(home, port=port, say=lambda m: progress(f"airflow: {m}"))
     cfg = home.cfg.read_text()
