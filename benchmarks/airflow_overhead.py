@@ -21,6 +21,11 @@ shared, and the difference is what else ran).
     .venv/bin/python benchmarks/airflow_overhead.py [--trials 6] [--set SECTION.KEY=VALUE ...]
         [--code DIR] [--label TEXT] [--write] [--only airflow|inprocess]
 
+``--versus SECTION.KEY=VALUE`` (repeatable) runs the Airflow mode a second time in the same run with
+these overrides on top, and prints both side by side: per-task start->end medians, trials/hour, ratios
+(e.g. ``--set pruneflow.preload= --versus pruneflow.preload=torch,...``: task start-up without and with
+the preloading executor).
+
 ``--set`` overrides an airflow.cfg key for this run only (as AIRFLOW__SECTION__KEY in the servers'
 environment); ``--code DIR`` runs another copy of the project (its pruneflow, dags, template) to
 compare before/after in the same conditions. ``--write`` appends the printed output to
@@ -356,6 +361,26 @@ def report(args, header: str, ip: dict | None, af: dict | None) -> str:
     return "\n".join(out)
 
 
+def side_by_side(args, a: dict, b: dict) -> str:
+    """The two Airflow phases of one run (A: --set only; B: --set plus --versus), per task and in all."""
+    _, da = breakdown(a, None)
+    _, db = breakdown(b, None)
+    n = args.trials
+    rows = []
+    for task in TASKS:
+        ra, rb = da["per_task"][task]["run"], db["per_task"][task]["run"]
+        ratio = statistics.median(rb) / statistics.median(ra) if ra and rb and statistics.median(ra) else None
+        rows.append([task, med(ra), med(rb), f"{ratio:.2f}" if ratio is not None else "-"])
+    rows.append(["all tasks, sum over trials", f"{da['tot']['run']:.1f}", f"{db['tot']['run']:.1f}",
+                 f"{db['tot']['run'] / da['tot']['run']:.2f}"])
+    rows.append(["wall of the phase", f"{a['wall']:.1f}", f"{b['wall']:.1f}", f"{b['wall'] / a['wall']:.2f}"])
+    rows.append(["trials/hour", f"{n / a['wall'] * 3600:.0f}", f"{n / b['wall'] * 3600:.0f}",
+                 f"{a['wall'] / b['wall']:.2f}"])
+    return "\n".join([f"Side by side, one run: A = {' '.join(args.set) or 'defaults'}; B = A + {' '.join(args.versus)}",
+                      "(start->end per task: median s over the trials; ratio B/A, trials/hour B/A)", "",
+                      table(["task", "A s", "B s", "B/A"], rows)])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=6)
@@ -363,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=60)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="airflow.cfg override for this run (repeatable)")
+    p.add_argument("--versus", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="run the Airflow mode again with these overrides on top, side by side (repeatable)")
     p.add_argument("--code", type=Path, default=REPO, help="project copy to run (default: this checkout)")
     p.add_argument("--label", default="", help="name of this configuration in the output")
     p.add_argument("--only", choices=["airflow", "inprocess"])
@@ -381,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     baseline = ensure_baseline(3, progress=say)
     root = OUT / "airflow_overhead" / datetime.now().strftime("%Y%m%d-%H%M%S")
-    ip = af = None
+    ip = af = af_b = None
     ok = False
     try:
         if args.only != "airflow":
@@ -389,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only != "inprocess":
             af = run_airflow(args.code, root / "airflow", baseline, args.trials, args.rounds, args.iterations,
                              overrides, say, args.timeout)
+        if args.versus:
+            versus = {**overrides, **dict(kv.split("=", 1) for kv in args.versus)}
+            af_b = run_airflow(args.code, root / "airflow-versus", baseline, args.trials, args.rounds,
+                               args.iterations, versus, say, args.timeout)
         ok = True
     finally:
         if ok and not args.keep:
@@ -396,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         elif not ok:
             say(f"failed: kept {root} for its logs")
     text = report(args, header, ip, af)
+    if args.versus and af:
+        text += "\n\n" + side_by_side(args, af, af_b)
     print(text)
     if args.summary:
         line = {"label": args.label, "set": args.set, "code": str(args.code), "n": args.trials,

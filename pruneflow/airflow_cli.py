@@ -49,7 +49,8 @@ USER = "admin"
 PASSWORDS_FILE = "simple_auth_manager_passwords.json"
 # Started in this order, stopped in reverse. The api-server is last up and first down.
 COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
-EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor"}
+# local: the LocalExecutor whose workers import torch once, before they fork the task processes.
+EXECUTORS = {"local": "pruneflow_airflow.executor.PreloadingLocalExecutor", "celery": "CeleryExecutor"}
 WORKER_PREFIX = "worker-"
 # Marks every process this module starts (and, through inheritance, their children): `down` finds
 # stragglers by it, and nothing else carries it.

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -45,6 +45,8 @@ class AirflowServers:
     port: int
     up_output: str = ""
     up_seconds: float = 0.0
+    executor: str = "local"  # or "celery": Redis, PostgreSQL and Celery workers (`up --executor celery`)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. AIRFLOW__SECTION__KEY overrides
 
     @property
     def home(self) -> Path:
@@ -75,6 +77,7 @@ class AirflowServers:
         env.update(PRUNEFLOW_ARTIFACTS=str(self.out / "trials"), PRUNEFLOW_DB=self.results_db,
                    PRUNEFLOW_BASELINES=str(self.out / "baselines"), PRUNEFLOW_REPORTS=str(self.out / "reports"),
                    PRUNEFLOW_HOME=str(REPO))
+        env.update(self.extra_env)
         return env
 
     def pruneflow(self, command: str, *args: str, timeout: float = UP_TIMEOUT) -> subprocess.CompletedProcess:
@@ -92,7 +95,8 @@ class AirflowServers:
 
     def up(self) -> None:
         t0 = time.monotonic()
-        proc = self.pruneflow("up", "--port", str(self.port), "--timeout", str(UP_TIMEOUT - 20))
+        proc = self.pruneflow("up", "--port", str(self.port), "--timeout", str(UP_TIMEOUT - 20),
+                              "--executor", self.executor)
         self.up_seconds = time.monotonic() - t0
         self.up_output = proc.stdout + proc.stderr
         if proc.returncode != 0:
@@ -112,7 +116,8 @@ class AirflowServers:
         return airflow_cli.running(airflow_cli.Home(self.home))
 
     def is_up(self) -> bool:
-        return len(self.running()) == len(airflow_cli.COMPONENTS) and port_open(self.port)
+        home = airflow_cli.Home(self.home)
+        return len(self.running()) == len(airflow_cli.components(home)) and port_open(self.port)
 
     def token(self) -> str:
         r = httpx.post(f"{self.url}/auth/token", json={"username": airflow_cli.USER, "password": self.password},

@@ -12,6 +12,7 @@ import json
 import stat
 import time
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -174,6 +175,19 @@ def test_trials_triggered_by_rest_and_cli_run_to_success(airflow_servers: Airflo
         assert row["latency_median_ms"] and row["latency_median_ms"] > 0
         assert row["params_after"] < row["params_before"]
         assert (row["artifact_dir"] or "").startswith(str(s.out / "trials"))
+
+
+def test_executor_workers_hold_torch_before_any_task(airflow_servers: AirflowServers):  # noqa: F811
+    """The embedded default's executor imports [pruneflow] preload in its worker processes, so the task
+    processes they fork start with torch loaded (pruneflow_airflow/executor.py)."""
+    cfg = (airflow_servers.home / "airflow.cfg").read_text()
+    assert "executor = pruneflow_airflow.executor.PreloadingLocalExecutor" in cfg
+    workers = [p for p in airflow_servers.processes()
+               if Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(b"airflow worker -- LocalExecutor")]
+    assert workers, f"no LocalExecutor worker among {airflow_servers.processes()}"
+    for p in workers:
+        maps = Path(f"/proc/{p.pid}/maps").read_text()
+        assert "libtorch_cpu" in maps and "openvino" in maps, f"worker {p.pid} has not preloaded torch/openvino"
 
 
 def test_down_stops_everything_and_up_keeps_home_and_trials(airflow_servers: AirflowServers):  # noqa: F811

@@ -1,0 +1,189 @@
+"""The distributed deployment on one machine, end to end: `pruneflow airflow up --executor celery` in a
+tmp home starts Redis, PostgreSQL, the servers on CeleryExecutor, a training worker (queue default) and
+a torch-free benchmark worker (queue bench_cpu0, .venv-bench); a rapid trial triggered by REST runs its
+training stages on the first and its benchmark on the second; secrets stay private; the benchmark
+worker killed with SIGKILL during a benchmark costs a retry, not the trial; `down` leaves nothing.
+
+The tests of this module run in order and share one deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from airflow_servers import DAG_ID, REPO, AirflowServers, free_port
+
+from pruneflow import airflow_cli, services
+from pruneflow.store import ResultsStore
+
+pytestmark = pytest.mark.slow
+
+BENCH_VENV = REPO / ".venv-bench"
+RAPID = {"image_size": 16, "baseline_epochs": 3, "epochs": 0, "warmup": 5, "rounds": 2, "iterations": 20}
+TRIAL_TIMEOUT = 420
+# A worker lost with its task: the scheduler fails the task instance after this many seconds without a
+# heartbeat (default 300) and Airflow retries it (the benchmark task has retries).
+HEARTBEAT_TIMEOUT = 20
+
+
+@pytest.fixture(scope="module")
+def celery() -> AirflowServers:
+    if not (BENCH_VENV / "bin" / "python").is_file():
+        pytest.fail(f"{BENCH_VENV} is missing: `make bench-env` (a dependency of `make test`)")
+    # Not under pytest's tmp folder (mode 0700): as root, PostgreSQL runs as the postgres user, who must
+    # be able to enter every parent of its data folder.
+    root = Path(tempfile.mkdtemp(prefix="pruneflow-celery-"))
+    root.chmod(0o711)
+    s = AirflowServers(root=root, port=free_port(), executor="celery",
+                       extra_env={"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+                                  "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"})
+    s.up()
+    yield s
+    s.down()
+    left = s.processes() + services.Services(s.home).processes()
+    assert not left, f"processes left after `pruneflow airflow down`: {left}"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _svc(s: AirflowServers) -> services.Services:
+    return services.Services(s.home)
+
+
+def _results(s: AirflowServers) -> ResultsStore:
+    """The deployment's results DB (its PostgreSQL `pruneflow` database), read by the test with the password."""
+    svc = _svc(s)
+    url = svc.pg_url(services.RESULTS_DB).replace(
+        f"{services.PG_USER}@", f"{services.PG_USER}:{svc.secrets()['postgres_password']}@")
+    return ResultsStore(url)
+
+
+def _trigger(s: AirflowServers, client: httpx.Client, conf: dict) -> str:
+    r = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
+    assert r.status_code == 200, r.text
+    return r.json()["dag_run_id"]
+
+
+def _tis(client: httpx.Client, run_id: str) -> dict[str, dict]:
+    r = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
+    return {ti["task_id"]: ti for ti in r.json()["task_instances"]}
+
+
+def _failure(s: AirflowServers, client: httpx.Client, run_id: str) -> str:
+    tis = _tis(client, run_id)
+    logs = {name: _log_tail(s, name) for name in ("scheduler", "worker-default", "worker-bench_cpu0")}
+    return f"{run_id}: {({t: ti['state'] for t, ti in tis.items()})}\n" + "\n".join(
+        f"--- {k}\n{v}" for k, v in logs.items())
+
+
+def _log_tail(s: AirflowServers, name: str, n: int = 30) -> str:
+    try:
+        return "\n".join((s.home / "logs" / f"{name}.log").read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def test_up_starts_every_service_and_status_lists_queues_and_envs(celery: AirflowServers):
+    home = airflow_cli.Home(celery.home)
+    assert home.executor() == "celery"
+    assert set(airflow_cli.running(home)) == set(airflow_cli.components(home))
+    assert {"worker-default", "worker-bench_cpu0"} <= set(airflow_cli.components(home))
+    svc = _svc(celery)
+    assert svc.pid("redis") and svc.pid("postgres")
+    proc = celery.pruneflow("status")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+    assert "queue bench_cpu0" in lines["worker-bench_cpu0"] and str(BENCH_VENV) in lines["worker-bench_cpu0"]
+    assert "queue default" in lines["worker-default"]
+    assert "running" in lines["redis"] and "running" in lines["postgres"]
+
+
+def test_access_needs_the_generated_secrets(celery: AirflowServers):
+    import psycopg2
+    import redis
+
+    svc = _svc(celery)
+    ports, sec = svc.ports(), svc.secrets()
+    for path in (svc.secrets_path, svc.pgpass, svc.redis_conf, celery.home / "airflow.cfg"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=services.HOST, port=ports["redis"], socket_timeout=5).ping()
+    assert redis.Redis(host=services.HOST, port=ports["redis"], password=sec["redis_password"], socket_timeout=5).ping()
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(host=services.HOST, port=ports["postgres"], user=services.PG_USER, dbname="pruneflow",
+                         password="wrong-" + sec["postgres_password"], connect_timeout=10)
+    # No secret in any log of the deployment, nor in the repository's tracked files.
+    logs = [p for p in celery.home.rglob("*.log") if p.is_file()]
+    assert logs
+    for value in (sec["redis_password"], sec["postgres_password"], sec["jwt_secret"]):
+        for p in logs:
+            assert value not in p.read_text(errors="replace"), f"a secret is in {p}"
+
+
+def test_trial_trains_on_the_default_queue_and_benchmarks_in_the_torch_free_worker(celery: AirflowServers):
+    s = celery
+    with s.client() as client:
+        s.wait_for_dag(client)
+        assert client.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}).status_code == 200
+        run_id = _trigger(s, client, {**RAPID, "trial_id": "celery-1", "name": "celery-1",
+                                      "sparsities": {"layer3": 0.5}})
+        run = s.wait_for_run(client, run_id, timeout=TRIAL_TIMEOUT)
+        assert run["state"] == "success", _failure(s, client, run_id)
+        tis = _tis(client, run_id)
+    assert tis["benchmark"]["queue"] == "bench_cpu0" and tis["benchmark"]["pool"] == "bench_cpu0"
+    assert {tis[t]["queue"] for t in ("prune", "thinnify", "retrain", "export", "record")} == {"default"}
+    row = _results(s).get_trial("celery-1")
+    assert row is not None and row["status"] == "succeeded", row
+    assert row["bench_queue"] == "bench_cpu0"
+    assert Path(row["bench_env"]).resolve() == BENCH_VENV.resolve(), row["bench_env"]
+    worker = json.loads((Path(row["artifact_dir"]) / "latency.json").read_text())["worker"]
+    assert worker["queue"] == "bench_cpu0" and Path(worker["env"]).resolve() == BENCH_VENV.resolve(), worker
+
+
+def _bench_worker_tree(s: AirflowServers) -> list[psutil.Process]:
+    pid = airflow_cli.running(airflow_cli.Home(s.home))["worker-bench_cpu0"]
+    ps = psutil.Process(pid)
+    return [ps, *ps.children(recursive=True)]
+
+
+def test_benchmark_worker_killed_mid_benchmark_costs_a_retry_not_the_trial(celery: AirflowServers):
+    """SIGKILL to the benchmark worker and every process under it (its host died) while it measures;
+    the worker comes back (`up` starts what is missing); the task is retried and the trial succeeds,
+    with one trial row and one benchmark row."""
+    s = celery
+    # long enough to be caught in the middle: tens of thousands of timed calls
+    conf = {**RAPID, "trial_id": "celery-kill", "name": "celery-kill", "sparsities": {"layer2": 0.5},
+            "rounds": 3, "iterations": 20000}
+    with s.client() as client:
+        run_id = _trigger(s, client, conf)
+        deadline = time.monotonic() + TRIAL_TIMEOUT
+        while True:  # until the benchmark's task process runs under the worker
+            tree = _bench_worker_tree(s)
+            if _tis(client, run_id)["benchmark"]["state"] == "running" and len(tree) >= 3:
+                break
+            assert time.monotonic() < deadline, _failure(s, client, run_id)
+            assert s.wait_for_run(client, run_id, timeout=0)["state"] not in ("success", "failed"), \
+                _failure(s, client, run_id)
+            time.sleep(0.2)
+        for ps in tree:
+            ps.send_signal(signal.SIGKILL)
+        psutil.wait_procs(tree, timeout=10)
+        assert "worker-bench_cpu0" not in airflow_cli.running(airflow_cli.Home(s.home))
+        proc = s.pruneflow("up")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run = s.wait_for_run(client, run_id, timeout=TRIAL_TIMEOUT)
+        assert run["state"] == "success", _failure(s, client, run_id)
+        bench = _tis(client, run_id)["benchmark"]
+    assert bench["try_number"] >= 2, bench
+    store = _results(s)
+    assert [r["trial_id"] for r in store.list_trials() if r["trial_id"] == "celery-kill"] == ["celery-kill"]
+    assert store.get_trial("celery-kill")["status"] == "succeeded"
+    assert len(store.benchmarks("celery-kill")) == 1
