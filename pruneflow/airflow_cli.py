@@ -52,6 +52,10 @@ COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
 # local: the LocalExecutor whose workers import torch once, before they fork the task processes.
 EXECUTORS = {"local": "pruneflow_airflow.executor.PreloadingLocalExecutor", "celery": "CeleryExecutor"}
 WORKER_PREFIX = "worker-"
+# The torch-free part of [pruneflow] preload: what a benchmark worker's tasks import (the DAG file, the
+# benchmark and record stages).
+BENCH_PRELOAD = ("airflow.sdk, airflow.sdk.execution_time.task_runner, pruneflow_airflow.operators, "
+                 "pruneflow_airflow.params, openvino, onnxruntime, pruneflow.bench, pruneflow.store, pruneflow.stages")
 # Marks every process this module starts (and, through inheritance, their children): `down` finds
 # stragglers by it, and nothing else carries it.
 MARKER = "PRUNEFLOW_AIRFLOW_SERVER"
@@ -197,6 +201,8 @@ devices = cpu0
 # Interpreter of the benchmark workers (`<it> -m airflow celery worker`). Empty: <repo>/.venv-bench/bin/python
 # when it exists (torch-free), else the main venv.
 bench_python =
+# What a benchmark worker imports once at start instead of [pruneflow] preload (its environment has no torch).
+bench_preload = {BENCH_PRELOAD}
 
 [celery]
 # The broker: this home's Redis on loopback, with its generated password (this file is mode 0600).
@@ -207,11 +213,20 @@ result_backend = {svc.pg_url("airflow", prefix="db+postgresql+psycopg2")}
 worker_concurrency = 2
 # A task is acknowledged once it has finished: one lost with its worker is delivered again.
 task_acks_late = True
+# Airflow's Celery settings, plus each worker's preload at start (pruneflow_airflow/celery_config.py).
+celery_config_options = pruneflow_airflow.celery_config.CELERY_CONFIG
 
 [celery_broker_transport_options]
 # Redelivery of an unacknowledged task after 25 h: longer than the longest execution_timeout (retrain, 24 h).
 visibility_timeout = 90000
 """
+
+
+def _worker_env(home: Home, w: Worker) -> dict[str, str]:
+    """A benchmark worker preloads `[pruneflow] bench_preload` (torch-free), the training worker `preload`."""
+    if w.name == WORKER_PREFIX + "default":
+        return {}
+    return {"AIRFLOW__PRUNEFLOW__PRELOAD": home.settings().get("pruneflow", "bench_preload", fallback="")}
 
 
 def _worker_args(home: Home, w: Worker) -> list[str]:
@@ -499,8 +514,9 @@ def server_processes(home: Home) -> list[Proc]:
     return sorted(procs)
 
 
-def _start(home: Home, name: str, args: list[str] | None = None) -> Proc:
+def _start(home: Home, name: str, args: list[str] | None = None, extra_env: dict[str, str] | None = None) -> Proc:
     env = server_env(home)
+    env.update(extra_env or {})
     env[MARKER] = str(home.path)
     args = args or [airflow_executable(), name]
     log = open(home.logfile(name), "ab")  # noqa: SIM115 - handed to the child
@@ -587,7 +603,7 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
     for w in workers(home):
         if w.name in missing:
             offsets[w.name] = home.logfile(w.name).stat().st_size if home.logfile(w.name).exists() else 0
-            started[w.name] = _start(home, w.name, _worker_args(home, w))
+            started[w.name] = _start(home, w.name, _worker_args(home, w), _worker_env(home, w))
     say(f"started {', '.join(f'{n} (pid {p.pid})' for n, p in started.items())}; logs in {home.logs}/")
     # A component restarted now must heartbeat after `since`; one already running just needs to be healthy.
     need_fresh = since if set(missing) & {"scheduler", "dag-processor", "triggerer"} else None

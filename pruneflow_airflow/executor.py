@@ -20,34 +20,14 @@ itself and reports the real error.
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing
-import time
 
-import structlog
 from airflow.executors import local_executor
 from airflow.executors.local_executor import LocalExecutor
 
-__all__ = ["PreloadingLocalExecutor", "preload_modules"]
+from pruneflow_airflow.preload import preload_modules
 
-
-def preload_modules(names: str) -> list[str]:
-    """Import each comma-separated module of ``names``; return the ones imported."""
-    log = structlog.get_logger(__name__)
-    done = []
-    started = time.perf_counter()
-    for name in (n.strip() for n in names.split(",")):
-        if not name:
-            continue
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # the task imports it again and fails with the real error
-            log.warning("pruneflow preload: could not import %s: %s", name, exc)
-            continue
-        done.append(name)
-    log.info("pruneflow preload: imported %s in %.1fs", ", ".join(done) or "nothing",
-             time.perf_counter() - started)
-    return done
+__all__ = ["PreloadingLocalExecutor"]
 
 
 def _run_preloading_worker(preload: str, **worker_kwargs) -> None:

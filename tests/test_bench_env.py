@@ -32,7 +32,8 @@ STAMP = BENCH_VENV / ".installed"
 WORKER_MODULES = ("pruneflow.bench", "pruneflow.stages", "pruneflow.spec", "pruneflow.store", "pruneflow.settings",
                   "pruneflow.migrations", "pruneflow.trial_conf", "pruneflow.data", "pruneflow.threads",
                   "pruneflow_airflow.params", "pruneflow_airflow.operators", "openvino", "onnxruntime",
-                  "celery", "redis", "airflow.providers.celery.executors.celery_executor")
+                  "celery", "redis", "airflow.providers.celery.executors.celery_executor",
+                  "pruneflow.artifacts", "s3fs", "pruneflow_airflow.preload", "pruneflow_airflow.celery_config")
 #: what the benchmark worker must not have
 NOT_THERE = ("torch", "torch_pruning", "sklearn", "onnx", "onnxscript", "torchvision")
 _TORCHISH = ("torch", "torch_pruning", "sklearn", "onnxscript", "torchvision")

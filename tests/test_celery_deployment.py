@@ -106,6 +106,24 @@ def test_up_starts_every_service_and_status_lists_queues_and_envs(celery: Airflo
     assert "running" in lines["redis"] and "running" in lines["postgres"]
 
 
+def _maps(ps: psutil.Process) -> str:
+    try:
+        return Path(f"/proc/{ps.pid}/maps").read_text()
+    except OSError:
+        return ""
+
+
+def test_workers_preload_their_modules_once(celery: AirflowServers):
+    """The training worker's pool processes hold torch before any task; the benchmark worker preloads
+    OpenVINO and never loads torch (pruneflow_airflow/celery_config.py, [pruneflow] bench_preload)."""
+    pids = airflow_cli.running(airflow_cli.Home(celery.home))
+    train = psutil.Process(pids["worker-default"]).children(recursive=True)
+    assert any("libtorch_cpu" in _maps(c) for c in train), "the training worker has not preloaded torch"
+    bench = [psutil.Process(pids["worker-bench_cpu0"]), *psutil.Process(pids["worker-bench_cpu0"]).children(recursive=True)]
+    assert any("libopenvino" in _maps(c) for c in bench), "the benchmark worker has not preloaded OpenVINO"
+    assert not any("libtorch" in _maps(c) for c in bench)
+
+
 def test_access_needs_the_generated_secrets(celery: AirflowServers):
     import psycopg2
     import redis

@@ -274,7 +274,7 @@ def test_abandoned_trial_skips_export_and_benchmark_and_is_recorded(dag, trial_r
 def test_preload_imports_what_it_can_and_skips_the_rest(af_env):
     """The preloading executor's worker start: a module that cannot be imported is skipped (the task
     imports it again and fails with the real error), the others are imported."""
-    from pruneflow_airflow.executor import preload_modules
+    from pruneflow_airflow.preload import preload_modules
 
     assert preload_modules(" json, pruneflow.spec,, no_such_module_pf ,") == ["json", "pruneflow.spec"]
     assert preload_modules("") == []
