@@ -217,10 +217,36 @@ def trial_id_for(sweep: SweepSpec, number: int) -> str:
     return f"{sweep.study}-{number:04d}"
 
 
+#: A dense trial that fails is asked again this many times in all; a fraction latency budget cannot be
+#: computed without its latency, so after the last one the sweep stops with the reasons.
+DENSE_ATTEMPTS = 2
+
+
+def _needs_dense(sweep: SweepSpec, study) -> bool:
+    """Whether the next round must (re)measure the dense model. Raises SweepError when a fraction budget
+    has no dense latency after DENSE_ATTEMPTS failed dense trials: every trial would be told infeasible."""
+    dense = [t for t in study.trials if t.user_attrs.get("dense")]
+    if not dense:
+        return True
+    if any(t.state.name in ("COMPLETE", "RUNNING", "WAITING") for t in dense):
+        return False
+    fraction = sweep.latency_budget is not None and sweep.latency_budget.unit != "ms"
+    if not fraction:
+        return False  # the dense model is only a reference for the report: no retry needed
+    if len(dense) < DENSE_ATTEMPTS:
+        return True
+    reasons = "; ".join(f"{t.user_attrs.get('trial_id')}: {t.user_attrs.get('reason') or t.state.name.lower()}"
+                        for t in dense)
+    raise SweepError(f"study {sweep.study!r}: the dense trial failed {len(dense)} times ({reasons}); "
+                     f"latency_budget {sweep.latency_budget.value} {sweep.latency_budget.unit} of the dense model "
+                     "cannot be computed without it, so the sweep stops instead of telling every trial infeasible")
+
+
 def ask_round(sweep: SweepSpec, k: int) -> list[dict]:
-    """Ask the search for k trials; returns their trial specs as dicts (JSON-able)."""
+    """Ask the search for k trials; returns their trial specs as dicts (JSON-able). The dense model comes
+    first in a study's first round, and again after a failed dense trial when the budget is a fraction."""
     study = open_study(sweep)
-    if sweep.include_dense and not any(t.user_attrs.get("dense") for t in study.trials):
+    if sweep.include_dense and _needs_dense(sweep, study):
         study.enqueue_trial({r.name: 0.0 for r in sweep.space}, user_attrs={"dense": True})
     specs = []
     for _ in range(k):

@@ -1,8 +1,9 @@
 """The distributed deployment on one machine, end to end: `pruneflow airflow up --executor celery` in a
 tmp home starts Redis, PostgreSQL, the servers on CeleryExecutor, a training worker (queue default) and
 a torch-free benchmark worker (queue bench_cpu0, .venv-bench); a rapid trial triggered by REST runs its
-training stages on the first and its benchmark on the second; secrets stay private; the benchmark
-worker killed with SIGKILL during a benchmark costs a retry, not the trial; `down` leaves nothing.
+training stages on the first and its benchmark on the second; secrets stay private; a sweep survives
+a restart of redis-server; the benchmark worker killed with SIGKILL during a benchmark costs a retry,
+not the trial; `down` leaves nothing.
 
 The tests of this module run in order and share one deployment.
 """
@@ -164,6 +165,59 @@ def test_trial_trains_on_the_default_queue_and_benchmarks_in_the_torch_free_work
     assert Path(row["bench_env"]).resolve() == BENCH_VENV.resolve(), row["bench_env"]
     worker = json.loads((Path(row["artifact_dir"]) / "latency.json").read_text())["worker"]
     assert worker["queue"] == "bench_cpu0" and Path(worker["env"]).resolve() == BENCH_VENV.resolve(), worker
+
+
+SPACE = [{"name": "layer1", "patterns": ["layer1.*.conv1"], "low": 0.0, "high": 0.8, "step": 0.2},
+         {"name": "layer3", "patterns": ["layer3.*.conv1"], "low": 0.0, "high": 0.8, "step": 0.2}]
+
+
+def test_a_sweep_survives_a_redis_restart(celery: AirflowServers):
+    """redis-server stops (SIGTERM: it writes its append-only file) and starts again while a sweep's
+    trials run: the sweep finishes, every asked trial is told once, none is lost or run twice."""
+    import optuna
+
+    s = celery
+    svc = _svc(celery)
+    conf = {"study": "celery-sweep", "n_trials": 3, "parallel": 2, "sampler": "random", "space": SPACE,
+            "trial": {k: v for k, v in RAPID.items() if k != "epochs"}}
+    with s.client() as client:
+        s.wait_for_dag(client, "prune_sweep")
+        assert client.patch("/api/v2/dags/prune_sweep", json={"is_paused": False}).status_code == 200
+        r = client.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": conf})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + TRIAL_TIMEOUT
+        while True:  # until a trial of the sweep has started a task
+            runs = [t for t in client.get(f"/api/v2/dags/{DAG_ID}/dagRuns", params={"limit": 100}).json()["dag_runs"]
+                    if (t.get("conf") or {}).get("study") == "celery-sweep"]
+            if any(ti["state"] == "running" for t in runs for ti in _tis(client, t["dag_run_id"]).values()):
+                break
+            assert time.monotonic() < deadline, f"no trial of the sweep started: {runs}"
+            time.sleep(0.5)
+        redis_pid = svc.pid("redis")
+        psutil.Process(redis_pid).terminate()
+        psutil.wait_procs([psutil.Process(redis_pid)], timeout=30)
+        time.sleep(2)  # clients see the broker gone
+        svc.start(say=lambda *_: None)
+        assert svc.pid("redis") not in (None, redis_pid)
+
+        deadline = time.monotonic() + 2 * TRIAL_TIMEOUT
+        while True:
+            sweeps = client.get("/api/v2/dags/prune_sweep/dagRuns", params={"limit": 100}).json()["dag_runs"]
+            states = [r["state"] for r in sweeps]
+            assert "failed" not in states, _log_tail(s, "scheduler")
+            if len(sweeps) >= 2 and all(x == "success" for x in states):
+                break
+            assert time.monotonic() < deadline, f"sweep not finished: {states}"
+            time.sleep(2)
+        trial_runs = [t for t in client.get(f"/api/v2/dags/{DAG_ID}/dagRuns", params={"limit": 100}).json()["dag_runs"]
+                      if (t.get("conf") or {}).get("study") == "celery-sweep"]
+    assert len(trial_runs) == 3
+    rows = [r for r in _results(s).list_trials() if r["trial_id"].startswith("celery-sweep-")]
+    assert sorted(r["trial_id"] for r in rows) == [f"celery-sweep-{i:04d}" for i in range(3)]
+    assert all(r["status"] in ("succeeded", "abandoned") for r in rows), rows
+    study = optuna.load_study(study_name="celery-sweep", storage=_results(s).engine.url.render_as_string(hide_password=False))
+    assert len(study.trials) == 3
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
 
 
 def _bench_worker_tree(s: AirflowServers) -> list[psutil.Process]:

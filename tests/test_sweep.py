@@ -132,6 +132,41 @@ def test_failed_trials_do_not_stop_the_sweep_and_the_search_is_told(tmp_path):
     assert all(rows[b]["status"] == "succeeded" for b in summary["best"])
 
 
+def test_a_failed_dense_trial_is_retried_for_a_fraction_budget(tmp_path):
+    """The fraction budget needs the dense latency: a dense trial that fails once is asked again, and the
+    sweep's best are measured against the retried dense model."""
+    failures = {"dense": 0}
+
+    def fail_dense_once(a, b):
+        if a == 0 and b == 0 and failures["dense"] == 0:
+            failures["dense"] += 1
+            return True
+        return False
+
+    sweep = _sweep(tmp_path, objective="top1_under_latency", sampler="random", **BUDGET_FRACTION)
+    summary = run_sweep(sweep, runner=synthetic_runner(fail_when=fail_dense_once))
+    study = optuna.load_study(study_name="s", storage=sweep.trial_spec().db)
+    dense = [t for t in study.trials if t.user_attrs.get("dense")]
+    assert [t.state.name for t in dense] == ["FAIL", "COMPLETE"]
+    assert summary["best"] and all(synthetic_latency(*_sparsities(tmp_path, b)) <= 0.6 for b in summary["best"])
+
+
+def test_a_dense_trial_that_keeps_failing_stops_the_sweep_with_the_reason(tmp_path):
+    sweep = _sweep(tmp_path, objective="top1_under_latency", sampler="random", **BUDGET_FRACTION)
+    with pytest.raises(SweepError, match=r"the dense trial failed 2 times \(s-0000: export: parity failed; "
+                                         r"s-0002: export: parity failed\).*latency_budget 0.6 fraction"):
+        run_sweep(sweep, runner=synthetic_runner(fail_when=lambda a, b: a == 0 and b == 0))
+    # with a budget in ms the dense model is only a reference: its failure does not stop the sweep
+    ms = _sweep(tmp_path, study="ms", objective="top1_under_latency", sampler="random", **BUDGET_MS)
+    assert run_sweep(ms, runner=synthetic_runner(fail_when=lambda a, b: a == 0 and b == 0))["trials"] == 6
+
+
+def _sparsities(tmp_path, trial_id):
+    row = ResultsStore(f"sqlite:///{tmp_path / 'r.db'}").get_trial(trial_id)
+    s = {k: v["target"] for k, v in row["sparsities_json"].items()}
+    return s.get("a", 0.0), s.get("b", 0.0)
+
+
 def test_trial_with_no_result_is_told_failed(tmp_path):
     sweep = _sweep(tmp_path, objective="latency", n_trials=2)
     specs = ask_round(sweep, 2)
