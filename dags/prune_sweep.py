@@ -19,14 +19,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.configuration import conf as airflow_conf
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import DAG, task
 
 from pruneflow_airflow.params import sweep_params
 
 PARAMS = sweep_params()
-MAX_WAITING = max(1, airflow_conf.getint("core", "parallelism", fallback=4) // 2)
 
 with DAG(
     dag_id="prune_sweep",
@@ -56,9 +54,10 @@ with DAG(
     asked = ask()
     run_trials = TriggerDagRunOperator.partial(
         task_id="run_trials", trigger_dag_id="prune_trial", wait_for_completion=True, poke_interval=3,
-        # each waiting trigger holds a task slot: leave half of [core] parallelism to the trials' own tasks,
-        # or a promotion stage of many trials (or a large `parallel`) deadlocks
-        max_active_tis_per_dagrun=MAX_WAITING,
+        # deferrable: the triggerer waits for the trials, so no executor slot or Celery worker process is
+        # held while they run (a waiting task per trial in a slot deadlocked sweeps with `parallel` at
+        # least the slots: [core] parallelism, or the training worker's concurrency on Celery)
+        deferrable=True,
         allowed_states=["success", "failed"], failed_states=[], logical_date=None,
         execution_timeout=timedelta(hours=48),
     ).expand(conf=asked)

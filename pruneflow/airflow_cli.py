@@ -223,10 +223,14 @@ visibility_timeout = 90000
 
 
 def _worker_env(home: Home, w: Worker) -> dict[str, str]:
-    """A benchmark worker preloads `[pruneflow] bench_preload` (torch-free), the training worker `preload`."""
-    if w.name == WORKER_PREFIX + "default":
-        return {}
-    return {"AIRFLOW__PRUNEFLOW__PRELOAD": home.settings().get("pruneflow", "bench_preload", fallback="")}
+    """Each worker works in its own scratch folder and download cache, as on its own host (they matter
+    when PRUNEFLOW_ARTIFACTS is an object store); a benchmark worker preloads `[pruneflow] bench_preload`
+    (torch-free) instead of `preload`."""
+    env = {"PRUNEFLOW_SCRATCH": str(home.path / "scratch" / w.name),
+           "PRUNEFLOW_ARTIFACT_CACHE": str(home.path / "cache" / "artifacts" / w.name)}
+    if w.name != WORKER_PREFIX + "default":
+        env["AIRFLOW__PRUNEFLOW__PRELOAD"] = home.settings().get("pruneflow", "bench_preload", fallback="")
+    return env
 
 
 def _worker_args(home: Home, w: Worker) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -75,7 +76,9 @@ class ArtifactStore:
             raise ValueError("attempts must be >= 1")
         self.url = url.rstrip("/")
         self.attempts, self.backoff, self._sleep = attempts, backoff, sleep
-        self.fs, self.root = fsspec.url_to_fs(self.url, **(storage_options or {}))
+        # A fresh filesystem object: fsspec's instance cache would keep the endpoint and credentials of
+        # the first one this process made, whatever the environment says now.
+        self.fs, self.root = fsspec.url_to_fs(self.url, **{"skip_instance_cache": True, **(storage_options or {})})
 
     # ------------------------------------------------------------------ paths
     def trial_url(self, trial_id: str) -> str:
@@ -119,15 +122,19 @@ class ArtifactStore:
         return self._retry("reading", url, read)
 
     # ----------------------------------------------------------------- upload
-    def upload(self, trial_id: str, local_dir: Path, names: Iterable[str] | None = None) -> dict[str, dict]:
+    def upload(self, trial_id: str, local_dir: Path, names: Iterable[str] | None = None,
+               forget: Iterable[str] = ()) -> dict[str, dict]:
         """Store the files ``names`` of ``local_dir`` (default: every file in it, recursively) under the
-        trial; files whose checksum the manifest already has are not sent again. Returns the manifest."""
+        trial; files whose checksum the manifest already has are not sent again; ``forget``: names the
+        manifest drops (an earlier attempt's files). Returns the manifest."""
         local_dir = Path(local_dir)
         if names is None:
             names = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*")
                            if p.is_file() and p.name != MANIFEST)
         manifest = self.manifest(trial_id)
         changed = False
+        for name in forget:
+            changed |= manifest.pop(name, None) is not None
         for name in names:
             key = self._key(trial_id, name)
             path = local_dir / name
@@ -146,7 +153,8 @@ class ArtifactStore:
     # ---------------------------------------------------------------- download
     def fetch(self, trial_id: str, names: Iterable[str], cache_dir: Path, into: Path | None = None) -> dict[str, Path]:
         """The files ``names`` of the trial, verified, from the content-addressed cache under ``cache_dir``
-        (downloaded once). With ``into``, each is also linked (or copied) there under its own name."""
+        (downloaded once). With ``into``, each is also copied there under its own name (skipped when the
+        file there already has the stored checksum)."""
         manifest = self.manifest(trial_id)
         out: dict[str, Path] = {}
         for name in names:
@@ -154,20 +162,20 @@ class ArtifactStore:
             if entry is None:
                 raise ArtifactError(f"{self.trial_url(trial_id)}/{name}: not in the trial's manifest "
                                     f"(stored: {', '.join(sorted(manifest)) or 'nothing'})")
+            if into is None:
+                out[name] = self._cached(trial_id, name, entry, Path(cache_dir))
+                continue
+            target = Path(into) / name
+            if target.is_file() and target.stat().st_size == entry["size"] and sha256_file(target) == entry["sha256"]:
+                out[name] = target  # this host wrote it (or fetched it) already
+                continue
             cached = self._cached(trial_id, name, entry, Path(cache_dir))
-            if into is not None:
-                target = Path(into) / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if not target.exists() or sha256_file(target) != entry["sha256"]:
-                    tmp = target.with_name(target.name + ".part")
-                    tmp.unlink(missing_ok=True)
-                    try:
-                        os.link(cached, tmp)
-                    except OSError:
-                        tmp.write_bytes(cached.read_bytes())
-                    os.replace(tmp, target)
-                cached = target
-            out[name] = cached
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            tmp.unlink(missing_ok=True)
+            shutil.copyfile(cached, tmp)  # a copy, not a link: a stage rewriting its file never touches the cache
+            os.replace(tmp, target)
+            out[name] = target
         return out
 
     def _cached(self, trial_id: str, name: str, entry: dict, cache_dir: Path) -> Path:

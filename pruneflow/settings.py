@@ -4,7 +4,12 @@ Pure Python (no torch, no Airflow). Every process of a deployment — the CLI, t
 worker, the plugin — reads the same variables, so every task of a run resolves paths the same way:
 
 ``PRUNEFLOW_HOME``            project root (default: the folder holding the ``pruneflow`` package)
-``PRUNEFLOW_ARTIFACTS``       artifact root (default ``<home>/out/trials``)
+``PRUNEFLOW_ARTIFACTS``       artifact root (default ``<home>/out/trials``); a URL (``s3://bucket/prefix``)
+                              puts the trials' files in an object store (:mod:`pruneflow.workspace`)
+``PRUNEFLOW_SCRATCH``         with a URL artifact root: the local folder the stages work in
+                              (default ``<home>/out/scratch``)
+``PRUNEFLOW_ARTIFACT_CACHE``  with a URL artifact root: the content-addressed download cache
+                              (default ``<home>/out/artifact-cache``)
 ``PRUNEFLOW_DB``              results DB SQLAlchemy URL (default ``sqlite:///<home>/out/pruneflow.db``)
 ``PRUNEFLOW_BASELINES``       folder of named baselines (default ``<home>/out/baselines``)
 ``PRUNEFLOW_REPORTS``         folder of sweep reports (default ``<home>/out/reports``)
@@ -52,8 +57,24 @@ def _list(name: str, sep: str = ",") -> list[str]:
     return [v.strip() for v in os.environ.get(name, "").split(sep) if v.strip()]
 
 
+def artifact_store_url() -> str | None:
+    """``PRUNEFLOW_ARTIFACTS`` when it is a URL (an object store), else None (a local folder)."""
+    from pruneflow.artifacts import is_url  # light: fsspec is imported only by ArtifactStore
+
+    raw = (os.environ.get("PRUNEFLOW_ARTIFACTS") or "").strip()
+    return raw.rstrip("/") if raw and is_url(raw) else None
+
+
 def artifacts_root() -> str:
+    """The local folder trial folders live in: the artifact root itself, or with a URL artifact root the
+    scratch folder the stages work in (their files go to the store after each stage)."""
+    if artifact_store_url():
+        return under_home(os.environ.get("PRUNEFLOW_SCRATCH") or "out/scratch")
     return under_home(os.environ.get("PRUNEFLOW_ARTIFACTS") or "out/trials")
+
+
+def artifact_cache() -> str:
+    return under_home(os.environ.get("PRUNEFLOW_ARTIFACT_CACHE") or "out/artifact-cache")
 
 
 def results_db() -> str:

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pruneflow.spec import SpecError, TrialSpec
+from pruneflow.workspace import artifact_location, stage_workspace
 
 Progress = Callable[[str], None]
 STAGES = ("prune", "thinnify", "retrain", "export", "benchmark", "record")
@@ -106,10 +107,14 @@ def _start_stage(trial_dir: Path, stage: str) -> None:
 
 def resolve_spec(spec: TrialSpec) -> TrialSpec:
     """The spec with its trial id and its baseline checkpoint resolved: no checkpoint or a name means the
-    named baseline in the baselines folder (:mod:`pruneflow.settings`), trained on first use."""
+    named baseline in the baselines folder (:mod:`pruneflow.settings`), trained on first use. With an
+    object-store artifact root the trial folder is this host's scratch folder, whatever host resolved
+    the spec first (the files travel through the store, :mod:`pruneflow.workspace`)."""
     from pruneflow import settings
 
     spec = spec.with_id()
+    if settings.artifact_store_url():
+        spec = spec.model_copy(update={"artifacts": settings.artifacts_root()})
     value = spec.baseline.checkpoint
     if value and settings.is_baseline_path(value):
         return spec
@@ -231,7 +236,7 @@ def prepare(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     try:
         store.upsert_trial(
             spec.trial_id, name=spec.name, study=spec.study, status="running", reason=None,
-            model=spec.model.name, dataset=spec.dataset.name, artifact_dir=str(trial_dir.resolve()),
+            model=spec.model.name, dataset=spec.dataset.name, artifact_dir=artifact_location(spec),
             spec_json=spec.model_dump(mode="json"), versions_json=versions(), host=host_info()["host"],
         )
     finally:
@@ -478,7 +483,7 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
     bench_worker = lat.get("worker") or {}  # who measured (pruneflow.stages.benchmark); none before it existed
     fields = dict(
         name=spec.name, study=spec.study, status=status, reason=reason, model=spec.model.name,
-        dataset=spec.dataset.name, artifact_dir=str(trial_dir.resolve()), spec_json=spec.model_dump(mode="json"),
+        dataset=spec.dataset.name, artifact_dir=artifact_location(spec), spec_json=spec.model_dump(mode="json"),
         versions_json=versions(), host=host_info()["host"], sparsities_json=sparsities,
         params_before=thin_res.get("params_before"), params_after=thin_res.get("params_after"),
         macs_before=thin_res.get("macs_before"), macs_after=thin_res.get("macs_after"),
@@ -581,19 +586,22 @@ def run_trial(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ensure_baseline(spec, progress)
-    prepare(spec, progress)
-    timings["prepare"] = time.perf_counter() - t0
-    stage = "prune"
+    stage = "prepare"
     try:
+        with stage_workspace(spec, ("prepare",), progress):  # an object-store artifact root: synced per stage
+            prepare(spec, progress)
+        timings["prepare"] = time.perf_counter() - t0
         for stage in STAGES[:-1]:
             t = time.perf_counter()
-            out = globals()[stage](spec, progress)
+            with stage_workspace(spec, (stage,), progress):
+                out = globals()[stage](spec, progress)
             timings[stage] = time.perf_counter() - t
             if stage == "retrain" and out["abandoned"]:
                 break
         stage = "record"
         t = time.perf_counter()
-        summary = record(spec, progress)
+        with stage_workspace(spec, ("record",), progress):
+            summary = record(spec, progress)
         timings["record"] = time.perf_counter() - t
     except Exception as exc:
         reason = str(exc) or type(exc).__name__

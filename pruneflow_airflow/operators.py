@@ -189,6 +189,9 @@ class TrialStageOperator(BaseOperator):
     uses_torch: bool = True
     #: the library function of this stage: ``pruneflow.stages.<stage>(spec, progress)``
     stage: str = ""
+    #: the stages whose files this task writes (``pruneflow.stages.STAGE_FILES``): with an object-store
+    #: artifact root they are fetched before and uploaded after (:func:`pruneflow.workspace.stage_workspace`)
+    artifact_stages: tuple[str, ...] | None = None  # None: (stage,)
 
     def __init__(self, *, spec: dict[str, Any] | str | None = None, spec_task_id: str = "validate",
                  **kwargs: Any) -> None:
@@ -224,8 +227,11 @@ class TrialStageOperator(BaseOperator):
         self._trial_spec = None  # what record_failure reads: never a previous run's
         spec = self.resolve_spec(context)
         self._trial_spec = spec
+        from pruneflow.workspace import stage_workspace
+
+        stages = self.artifact_stages if self.artifact_stages is not None else (self.stage,)
         try:
-            with stage_environment(self.uses_torch):
+            with stage_environment(self.uses_torch), stage_workspace(spec, stages, self.progress):
                 return self.run_stage(spec, context)
         except SpecError as exc:
             raise AirflowFailException(str(exc)) from None
@@ -248,6 +254,7 @@ class EnsureBaselineOperator(TrialStageOperator):
     ui_color = "#fef7e0"
     uses_torch = False  # torch is imported only to train a missing baseline, with the task's threads
     stage = "ensure_baseline"
+    artifact_stages = ()  # the baseline lives under PRUNEFLOW_BASELINES, not in the trial folder
 
     def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
         from pruneflow import stages
@@ -263,6 +270,7 @@ class PruneOperator(TrialStageOperator):
     """prepare (trial folder, baseline fits the data, trial marked running) + prune (plan, masked Top-1)."""
 
     ui_color = "#fce8e6"
+    artifact_stages = ("prepare", "prune")
 
     def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
         from pruneflow import stages

@@ -57,14 +57,16 @@ def s3_store() -> Iterator[S3Server]:
     os.chmod(config, 0o600)
     ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
     # gRPC ports default to port + 10000: pick them too, so two runs never collide.
-    grpc = {name: free_port() for name in ("master", "volume", "filer")}
+    grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
     (base / "data").mkdir()
     cmd = [str(WEED), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={base / 'data'}",
            f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
            f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
            f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
            "-volume.max=8", "-master.volumeSizeLimitMB=64", "-filer", "-s3",
-           f"-s3.port={ports['s3']}", f"-s3.config={config}"]
+           f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}", f"-s3.config={config}",
+           # its Iceberg and Lance catalogs listen on fixed ports (8181, 9101) unless disabled
+           "-s3.port.iceberg=0", "-s3.port.lance=0"]
     log = open(base / "weed.log", "wb")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)

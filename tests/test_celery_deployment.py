@@ -1,7 +1,8 @@
 """The distributed deployment on one machine, end to end: `pruneflow airflow up --executor celery` in a
 tmp home starts Redis, PostgreSQL, the servers on CeleryExecutor, a training worker (queue default) and
-a torch-free benchmark worker (queue bench_cpu0, .venv-bench); a rapid trial triggered by REST runs its
-training stages on the first and its benchmark on the second; secrets stay private; a sweep survives
+a torch-free benchmark worker (queue bench_cpu0, .venv-bench), with the artifacts in a real object store
+(SeaweedFS); a rapid trial triggered by REST runs its training stages on the first and its benchmark on
+the second, each in its own scratch folder, the files travelling only through the store; secrets stay private; a sweep survives
 a restart of redis-server; the benchmark worker killed with SIGKILL during a benchmark costs a retry,
 not the trial; `down` leaves nothing.
 
@@ -22,8 +23,10 @@ import httpx
 import psutil
 import pytest
 from airflow_servers import DAG_ID, REPO, AirflowServers, free_port
+from s3_server import s3_store  # noqa: F401
 
 from pruneflow import airflow_cli, services
+from pruneflow.artifacts import ArtifactStore
 from pruneflow.store import ResultsStore
 
 pytestmark = pytest.mark.slow
@@ -37,16 +40,19 @@ HEARTBEAT_TIMEOUT = 20
 
 
 @pytest.fixture(scope="module")
-def celery() -> AirflowServers:
+def celery(s3_store) -> AirflowServers:  # noqa: F811
     if not (BENCH_VENV / "bin" / "python").is_file():
         pytest.fail(f"{BENCH_VENV} is missing: `make bench-env` (a dependency of `make test`)")
     # Not under pytest's tmp folder (mode 0700): as root, PostgreSQL runs as the postgres user, who must
     # be able to enter every parent of its data folder.
     root = Path(tempfile.mkdtemp(prefix="pruneflow-celery-"))
     root.chmod(0o711)
+    # Artifacts through the object store: the workers share no trial folder (each has its own scratch).
     s = AirflowServers(root=root, port=free_port(), executor="celery",
                        extra_env={"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
-                                  "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"})
+                                  "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
+                                  "PRUNEFLOW_ARTIFACTS": f"s3://{s3_store.bucket}/celery-{time.time_ns()}",
+                                  **s3_store.env()})
     s.up()
     yield s
     s.down()
@@ -163,8 +169,17 @@ def test_trial_trains_on_the_default_queue_and_benchmarks_in_the_torch_free_work
     assert row is not None and row["status"] == "succeeded", row
     assert row["bench_queue"] == "bench_cpu0"
     assert Path(row["bench_env"]).resolve() == BENCH_VENV.resolve(), row["bench_env"]
-    worker = json.loads((Path(row["artifact_dir"]) / "latency.json").read_text())["worker"]
+    # the trial's files went through the object store; the benchmark worker fetched only what it reads
+    url = s.extra_env["PRUNEFLOW_ARTIFACTS"]
+    assert row["artifact_dir"] == f"{url}/celery-1"
+    bench_dir = s.home / "scratch" / "worker-bench_cpu0" / "celery-1"
+    assert {p.name for p in bench_dir.iterdir()} == {"epochs.json", "reference.npz", "model.xml", "model.bin",
+                                                     "latency.json"}
+    assert (s.home / "scratch" / "worker-default" / "celery-1" / "thinned.pt").is_file()
+    store = ArtifactStore(url, storage_options=s3_store_options(s))
+    worker = json.loads(store.fs.cat_file(f"{store.root}/celery-1/latency.json"))["worker"]
     assert worker["queue"] == "bench_cpu0" and Path(worker["env"]).resolve() == BENCH_VENV.resolve(), worker
+    assert "latency.json" in store.manifest("celery-1")
 
 
 SPACE = [{"name": "layer1", "patterns": ["layer1.*.conv1"], "low": 0.0, "high": 0.8, "step": 0.2},
@@ -178,7 +193,7 @@ def test_a_sweep_survives_a_redis_restart(celery: AirflowServers):
 
     s = celery
     svc = _svc(celery)
-    conf = {"study": "celery-sweep", "n_trials": 3, "parallel": 2, "sampler": "random", "space": SPACE,
+    conf = {"study": "celery-sweep", "n_trials": 2, "parallel": 2, "sampler": "random", "space": SPACE,
             "trial": {k: v for k, v in RAPID.items() if k != "epochs"}}
     with s.client() as client:
         s.wait_for_dag(client, "prune_sweep")
@@ -205,19 +220,25 @@ def test_a_sweep_survives_a_redis_restart(celery: AirflowServers):
             sweeps = client.get("/api/v2/dags/prune_sweep/dagRuns", params={"limit": 100}).json()["dag_runs"]
             states = [r["state"] for r in sweeps]
             assert "failed" not in states, _log_tail(s, "scheduler")
-            if len(sweeps) >= 2 and all(x == "success" for x in states):
+            if sweeps and all(x == "success" for x in states):
                 break
             assert time.monotonic() < deadline, f"sweep not finished: {states}"
             time.sleep(2)
         trial_runs = [t for t in client.get(f"/api/v2/dags/{DAG_ID}/dagRuns", params={"limit": 100}).json()["dag_runs"]
                       if (t.get("conf") or {}).get("study") == "celery-sweep"]
-    assert len(trial_runs) == 3
+    assert len(trial_runs) == 2
     rows = [r for r in _results(s).list_trials() if r["trial_id"].startswith("celery-sweep-")]
-    assert sorted(r["trial_id"] for r in rows) == [f"celery-sweep-{i:04d}" for i in range(3)]
+    assert sorted(r["trial_id"] for r in rows) == [f"celery-sweep-{i:04d}" for i in range(2)]
     assert all(r["status"] in ("succeeded", "abandoned") for r in rows), rows
     study = optuna.load_study(study_name="celery-sweep", storage=_results(s).engine.url.render_as_string(hide_password=False))
-    assert len(study.trials) == 3
+    assert len(study.trials) == 2
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
+
+
+def s3_store_options(s: AirflowServers) -> dict:
+    env = s.extra_env
+    return {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"], "region_name": env["AWS_DEFAULT_REGION"]}}
 
 
 def _bench_worker_tree(s: AirflowServers) -> list[psutil.Process]:
