@@ -18,6 +18,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from pruneflow.artifacts import ArtifactError
 from pruneflow.spec import SpecError, TrialSpec
 from pruneflow.workspace import artifact_location, stage_workspace
 
@@ -586,11 +587,15 @@ def run_trial(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ensure_baseline(spec, progress)
-    stage = "prepare"
     try:
         with stage_workspace(spec, ("prepare",), progress):  # an object-store artifact root: synced per stage
-            prepare(spec, progress)
-        timings["prepare"] = time.perf_counter() - t0
+            prepare(spec, progress)  # a SpecError here is the caller's to report: nothing is recorded
+    except ArtifactError as exc:
+        record_failure(spec, "prepare", str(exc), type(exc).__name__, progress)
+        raise TrialFailed("prepare", str(exc)) from exc
+    timings["prepare"] = time.perf_counter() - t0
+    stage = "prune"
+    try:
         for stage in STAGES[:-1]:
             t = time.perf_counter()
             with stage_workspace(spec, (stage,), progress):

@@ -1,4 +1,5 @@
-"""Celery settings of the distributed deployment: Airflow's defaults, plus the preload of each worker.
+"""Celery settings of the distributed deployment: Airflow's defaults, a publish retry that outlasts a
+broker restart, and the preload of each worker.
 
 ``[celery] celery_config_options = pruneflow_airflow.celery_config.CELERY_CONFIG`` (rendered by
 ``pruneflow airflow init --executor celery``). Celery's prefork pool forks its child processes from the
@@ -13,7 +14,13 @@ from __future__ import annotations
 from airflow.providers.celery.executors.default_celery import DEFAULT_CELERY_CONFIG
 from celery.signals import worker_init
 
-CELERY_CONFIG = dict(DEFAULT_CELERY_CONFIG)
+CELERY_CONFIG = {
+    **DEFAULT_CELERY_CONFIG,
+    # Keep trying to publish a task while the broker restarts (Celery's default gives up after ~0.6 s,
+    # and the scheduler then fails the task instance): up to ~30 s, then the task fails as before.
+    "task_publish_retry": True,
+    "task_publish_retry_policy": {"max_retries": 15, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 3},
+}
 
 
 @worker_init.connect

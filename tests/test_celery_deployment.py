@@ -229,7 +229,8 @@ def test_a_sweep_survives_a_redis_restart(celery: AirflowServers):
     assert len(trial_runs) == 2
     rows = [r for r in _results(s).list_trials() if r["trial_id"].startswith("celery-sweep-")]
     assert sorted(r["trial_id"] for r in rows) == [f"celery-sweep-{i:04d}" for i in range(2)]
-    assert all(r["status"] in ("succeeded", "abandoned") for r in rows), rows
+    assert all(r["status"] in ("succeeded", "abandoned") for r in rows), \
+        [(r["trial_id"], r["status"], r.get("reason")) for r in rows]
     study = optuna.load_study(study_name="celery-sweep", storage=_results(s).engine.url.render_as_string(hide_password=False))
     assert len(study.trials) == 2
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
