@@ -151,11 +151,12 @@ class ArtifactStore:
         return manifest
 
     # ---------------------------------------------------------------- download
-    def fetch(self, trial_id: str, names: Iterable[str], cache_dir: Path, into: Path | None = None) -> dict[str, Path]:
+    def fetch(self, trial_id: str, names: Iterable[str], cache_dir: Path, into: Path | None = None,
+              manifest: dict[str, dict] | None = None) -> dict[str, Path]:
         """The files ``names`` of the trial, verified, from the content-addressed cache under ``cache_dir``
         (downloaded once). With ``into``, each is also copied there under its own name (skipped when the
-        file there already has the stored checksum)."""
-        manifest = self.manifest(trial_id)
+        file there already has the stored checksum). ``manifest``: the trial's, if the caller has just read it."""
+        manifest = self.manifest(trial_id) if manifest is None else manifest
         out: dict[str, Path] = {}
         for name in names:
             entry = manifest.get(name)

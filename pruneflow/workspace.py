@@ -53,7 +53,7 @@ def stage_workspace(spec: TrialSpec, stages: Sequence[str], progress=lambda _m: 
     t0 = time.perf_counter()
     manifest = store.manifest(spec.trial_id)
     names = needed(stages[0], spec, list(manifest))
-    store.fetch(spec.trial_id, names, settings.artifact_cache(), into=trial_dir)
+    store.fetch(spec.trial_id, names, settings.artifact_cache(), into=trial_dir, manifest=manifest)
     size = sum(manifest[n]["size"] for n in names)
     progress(f"artifacts: {len(names)} file(s), {size:,} bytes from {store.trial_url(spec.trial_id)} "
              f"({time.perf_counter() - t0:.2f} s)")
