@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .ov_api import OpenVINOApi, load_api
 from .settings import BenchmarkOptions
 
 __all__ = [
@@ -175,14 +176,16 @@ def _supported_writable(core: Any, device: str) -> set[str]:
         ) from exc
 
 
-def _build_config(core: Any, options: BenchmarkOptions) -> tuple[dict[str, Any], list[str]]:
+def _build_config(core: Any, options: BenchmarkOptions, api: OpenVINOApi | None = None) -> tuple[dict[str, Any], list[str]]:
     """Compile config holding only keys the device supports; also the list of skipped keys.
 
     Physical devices (CPU, GPU.0, NPU) get the settings directly. Virtual devices (AUTO:GPU,CPU,
     HETERO:..., MULTI:...) get PERFORMANCE_HINT if they accept it, and the per-device settings
     through DEVICE_PROPERTIES (otherwise e.g. the CPU behind AUTO would run with its defaults, which
     on bf16-capable CPUs means bf16). Skipped per-device keys are recorded as "GPU.INFERENCE_NUM_THREADS".
+    ``api`` names the settings as the installed OpenVINO does (2022.3: AFFINITY for ENABLE_CPU_PINNING).
     """
+    translate = api.translate if api is not None else dict
     device = options.device
     base, _, targets_spec = device.partition(":")
     if base not in VIRTUAL_DEVICES:
@@ -190,9 +193,10 @@ def _build_config(core: Any, options: BenchmarkOptions) -> tuple[dict[str, Any],
         if device.split(".", 1)[0] not in {d.split(".", 1)[0] for d in available}:
             raise RuntimeError(
                 f"OpenVINO device {device!r} is not available on this machine (available devices: {available})"
+                + (api.missing_device_help(device) if api is not None else "")
             )
         writable = _supported_writable(core, device)
-        wanted = _device_settings(options, device)
+        wanted = translate(_device_settings(options, device))
         config = {k: v for k, v in wanted.items() if k in writable}
         return config, [k for k in wanted if k not in writable]
 
@@ -210,7 +214,7 @@ def _build_config(core: Any, options: BenchmarkOptions) -> tuple[dict[str, Any],
         targets = [d for d in core.available_devices if d not in excluded and d.split(".")[0] not in excluded]
     per_device: dict[str, dict[str, Any]] = {}
     for target in targets:
-        wanted = _device_settings(options, target)
+        wanted = translate(_device_settings(options, target))
         try:
             target_writable = _writable(core.get_property(target, "SUPPORTED_PROPERTIES"))
         except RuntimeError:  # a candidate of AUTO that this machine lacks: AUTO will not pick it
@@ -227,10 +231,10 @@ class OpenVINOModel(LoadedModel):
     backend = "openvino"
 
     def __init__(self, path: Path, options: BenchmarkOptions):
-        import openvino as ov
-
+        api = load_api()
+        self.api = api
         self.path = path
-        core = ov.Core()
+        core = api.core()
         model = core.read_model(str(path))
         inputs = list(model.inputs)
         if len(inputs) != 1:
@@ -248,11 +252,11 @@ class OpenVINOModel(LoadedModel):
         if self.input_dtype.kind != "f":
             raise ValueError(f"{str(path)!r} has a {self.input_dtype} input; expected a floating point input")
 
-        config, self.skipped_properties = _build_config(core, options)
+        config, self.skipped_properties = _build_config(core, options, api)
 
         t0 = time.perf_counter()
         try:
-            self.compiled = core.compile_model(model, options.device, config)
+            self.compiled = api.compile(core, model, options.device, config)
         except RuntimeError as exc:
             raise RuntimeError(
                 f"OpenVINO could not compile {str(path)!r} for device {options.device!r} "
@@ -267,7 +271,7 @@ class OpenVINOModel(LoadedModel):
             # as benchmark_app does: as many requests in flight as the compiled model says it needs to
             # keep all its streams busy
             self.async_requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-            self._queue = ov.AsyncInferQueue(self.compiled, self.async_requests)
+            self._queue = api.async_queue(self.compiled, self.async_requests)
 
     def _read_properties(self) -> dict[str, str]:
         props: dict[str, str] = {}
@@ -303,12 +307,13 @@ class OpenVINOModel(LoadedModel):
     def timed_calls(self, x: np.ndarray, n: int) -> tuple[list[float], list[float]]:
         request = self.request
         inputs = {0: x}
+        infer = self.api.infer_shared
         perf = time.perf_counter_ns
         latency: list[float] = []
         wall: list[float] = []
         for _ in range(n):
             t0 = perf()
-            request.infer(inputs, share_inputs=True, share_outputs=True)
+            infer(request, inputs)
             t1 = perf()
             wall.append((t1 - t0) / 1e6)
             latency.append(float(request.latency))  # ms, measured by OpenVINO around the inference

@@ -9,13 +9,14 @@ import platform
 import socket
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from .backends import LoadedModel, effective_property, load_model
+from .ov_api import runtime_version_if_loaded
 from .settings import BenchmarkOptions
 from .stats import paired_speedup, speedup, summarize
 
@@ -137,7 +138,8 @@ def environment_info() -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "versions": {
-            "openvino": _version("openvino"),
+            # the 2022.3 archive install (the NCS2 worker) has no distribution metadata: ask the runtime
+            "openvino": _version("openvino") or runtime_version_if_loaded(),
             "onnxruntime": _version("onnxruntime"),
             "numpy": np.__version__,
             "python": platform.python_version(),
@@ -147,7 +149,7 @@ def environment_info() -> dict:
 
 
 def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _emit(progress: Progress, message: str) -> None:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["BenchmarkOptions", "DEVICE_PATTERN"]
+__all__ = ["DEVICE_PATTERN", "LEGACY_DEVICE_QUEUES", "BenchmarkOptions", "benchmark_queue", "device_names"]
 
 # One device name: upper-case identifier with an optional ".N" index (CPU, GPU, GPU.0, NPU).
 _NAME = r"[A-Z][A-Z0-9_]*(?:\.[0-9]+)?"
@@ -15,6 +15,29 @@ _NAME = r"[A-Z][A-Z0-9_]*(?:\.[0-9]+)?"
 # AUTO also accepts "-NAME" to exclude a device (AUTO:-CPU).
 _VIRTUAL = r"(?:AUTO|HETERO|MULTI|BATCH)"
 DEVICE_PATTERN = re.compile(rf"^(?:{_VIRTUAL}:-?{_NAME}(?:,-?{_NAME})*|{_NAME})$")
+#: Devices only a legacy benchmark worker can drive, and that worker's Celery queue: MYRIAD (the Neural Compute
+#: Stick 2) needs OpenVINO 2022.3 LTS on Python 3.10 (docker/Dockerfile.ncs2).
+LEGACY_DEVICE_QUEUES = {"MYRIAD": "bench_ncs2"}
+#: Devices that compute in f16 whatever is asked: the output check must use f16's tolerance.
+F16_ONLY_DEVICES = ("MYRIAD",)
+
+
+def device_names(device: str) -> list[str]:
+    """The physical device names a device string uses, without indices: "AUTO:MYRIAD,CPU" -> ["MYRIAD", "CPU"],
+    "GPU.1" -> ["GPU"], "AUTO:-CPU" -> [] (an exclusion is no use)."""
+    base, sep, targets = device.partition(":")
+    names = [t for t in targets.split(",") if t and not t.startswith("-")] if sep else [base]
+    return [n.split(".", 1)[0] for n in names]
+
+
+def benchmark_queue(device: str, configured: str) -> str:
+    """The Celery queue of a benchmark on ``device``: the legacy worker's queue when the device string uses a
+    legacy device (MYRIAD, also behind AUTO/HETERO/MULTI -> bench_ncs2), otherwise ``configured`` (the
+    deployment's ``[pruneflow] benchmark_queue``). Pure: no Airflow, no OpenVINO."""
+    for name in device_names(device):
+        if name in LEGACY_DEVICE_QUEUES:
+            return LEGACY_DEVICE_QUEUES[name]
+    return configured
 
 
 class BenchmarkOptions(BaseModel):
@@ -24,7 +47,8 @@ class BenchmarkOptions(BaseModel):
 
     backend: Literal["openvino", "onnxruntime"] = Field("openvino", description="inference runtime")
     device: str = Field("CPU", description="OpenVINO device: CPU, GPU, GPU.0, NPU, AUTO, AUTO:GPU,CPU, "
-                        "HETERO:GPU,CPU, MULTI:GPU,CPU (onnxruntime: CPU only)")
+                        "HETERO:GPU,CPU, MULTI:GPU,CPU, MYRIAD (the NCS2: precision f16, run by the OpenVINO "
+                        "2022.3 worker on queue bench_ncs2) (onnxruntime: CPU only)")
     precision: Literal["f32", "f16", "bf16"] = Field(
         "f32", description="fixed inference precision (OpenVINO INFERENCE_PRECISION_HINT; onnxruntime: f32 only)")
     threads: int = Field(1, ge=1, le=256, description="inference threads (OpenVINO INFERENCE_NUM_THREADS, "
@@ -60,6 +84,12 @@ class BenchmarkOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check_backend_combination(self) -> BenchmarkOptions:
+        f16_only = [d for d in device_names(self.device) if d in F16_ONLY_DEVICES]
+        if f16_only and self.precision != "f16":
+            raise ValueError(
+                f"device={self.device!r} computes in f16 only ({f16_only[0]}): set precision='f16', so the output "
+                f"check uses f16's tolerance (precision={self.precision!r} would fail it or claim what did not run)"
+            )
         if self.backend == "onnxruntime":
             if self.device != "CPU":
                 raise ValueError(
