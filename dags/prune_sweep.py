@@ -1,16 +1,19 @@
-"""prune_sweep: search per-group sparsities; one DAG run = one round of trials.
+"""prune_sweep: search per-group sparsities; one DAG run = the screen, or one promotion stage.
 
-    ask >> run_trials (prune_trial DAG runs, mapped) >> tell >> continue? >> next_round
+    plan >> run_trials (one lane per parallel trial, mapped) >> finish >> more? >> next_stage
 
-* **ask** opens (or resumes) the Optuna study kept in the results DB and asks it for ``parallel``
-  trials; a study's first round also measures the dense model.
-* **run_trials** triggers one ``prune_trial`` run per asked trial and waits for them; they run at
-  once, their benchmarks one at a time through the benchmark pool.
-* **tell** tells the search what the results DB recorded: succeeded trials their objective values,
-  abandoned ones pruned, failed ones failed — a failed trial never stops the sweep.
-* **next_round** triggers the next round while screening trials remain, then one run per promotion
-  stage (``promote``: the previous stage's best trials fine-tuned, successive halving); the last run
-  writes the report to ``PRUNEFLOW_REPORTS/<study>/``.
+* **plan** opens (or resumes) the Optuna study kept in the results DB, tells it what became of trials an
+  ended sweep run left unfinished, and deals the run's trials out to ``parallel`` lanes; a study's first
+  screen also measures the dense model.
+* **run_trials** is one task per lane. A lane asks a trial, runs it as a ``prune_trial`` DAG run, waits
+  for it deferred (in the triggerer), tells the search what the results DB recorded and asks the next at
+  once: no lane waits for another, so ``parallel`` trials stay in flight until the budget is asked. A
+  failed trial is told failed, an abandoned one pruned; neither stops the sweep.
+* **finish** tells the search about any trial a failed lane left unfinished, fails the run if a lane
+  failed (with the reason when the dense trial a fraction budget needs failed for good), and writes the
+  report to ``PRUNEFLOW_REPORTS/<study>/`` after the last stage.
+* **next_stage** triggers one run per promotion stage (``promote``: the previous stage's best trials
+  fine-tuned, successive halving).
 
 A run of an existing study continues it with ``n_trials`` more trials.
 """
@@ -23,15 +26,14 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import DAG, task
 
 from pruneflow_airflow.params import sweep_params
-
-PARAMS = sweep_params()
+from pruneflow_airflow.sweep_lane import SweepLaneOperator
 
 with DAG(
     dag_id="prune_sweep",
-    description="Search per-group sparsities: one round of prune_trial runs per DAG run",
+    description="Search per-group sparsities: the screen, or one promotion stage, per DAG run",
     schedule=None,
     catchup=False,
-    params=PARAMS,
+    params=sweep_params(),
     doc_md=__doc__,
     tags=["pruneflow"],
     render_template_as_native_obj=True,
@@ -39,55 +41,46 @@ with DAG(
 ) as dag:
 
     @task(execution_timeout=timedelta(minutes=10))
-    def ask(params: dict | None = None) -> list[dict]:
-        from pruneflow.sweep import ask_round, promote_round
-        from pruneflow.sweep_conf import remaining_trials, sweep_from_conf, trial_conf
+    def plan(params: dict | None = None, run_id: str | None = None) -> list[list[dict]]:
+        from pruneflow.sweep import lane_items, promote_round, start_sweep
+        from pruneflow.sweep_conf import sweep_from_params
+        from pruneflow_airflow.sweep_lane import sweep_run_active
 
-        sweep = sweep_from_conf({k: params[k] for k in PARAMS})
-        if params.get("stage"):
-            return [trial_conf(spec) for spec in promote_round(sweep, int(params["stage"]), print)]
-        k = min(sweep.parallel, remaining_trials(params, sweep))
-        if k <= 0:
-            return []
-        return [trial_conf(spec) for spec in ask_round(sweep, k)]
+        sweep = sweep_from_params(params)
+        stage = int(params.get("stage") or 0)
+        start_sweep(sweep, run_id, screening=not stage, active=sweep_run_active, progress=print)
+        if stage:
+            return lane_items(sweep, specs=promote_round(sweep, stage, print, run_id))
+        return lane_items(sweep)
 
-    asked = ask()
-    run_trials = TriggerDagRunOperator.partial(
-        task_id="run_trials", trigger_dag_id="prune_trial", wait_for_completion=True, poke_interval=3,
-        # deferrable: the triggerer waits for the trials, so no executor slot or Celery worker process is
-        # held while they run (a waiting task per trial in a slot deadlocked sweeps with `parallel` at
-        # least the slots: [core] parallelism, or the training worker's concurrency on Celery)
-        deferrable=True,
-        allowed_states=["success", "failed"], failed_states=[], logical_date=None,
-        execution_timeout=timedelta(hours=48),
-    ).expand(conf=asked)
+    lanes = plan()
+    run_trials = SweepLaneOperator.partial(task_id="run_trials").expand(items=lanes)
 
     @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=30))
-    def tell(confs: list[dict], params: dict | None = None) -> dict:
+    def finish(planned: list, told: list, params: dict | None = None, run_id: str | None = None) -> dict:
         from pruneflow.report import write_report
         from pruneflow.settings import reports_root
-        from pruneflow.sweep import tell_round
-        from pruneflow.sweep_conf import next_conf, sweep_from_conf
+        from pruneflow.sweep import check_lanes
+        from pruneflow.sweep_conf import next_conf, sweep_from_params
 
-        sweep = sweep_from_conf({k: params[k] for k in PARAMS})
-        told = tell_round(sweep, [c["spec_overrides"] for c in confs], print)
-        nxt = next_conf({k: params[k] for k in PARAMS}, sweep, len(confs))
+        sweep = sweep_from_params(params)
+        check_lanes(sweep, run_id, planned=len(planned or []), finished=len(told or []), progress=print)
+        nxt = next_conf(params, sweep)
         report = None
         if nxt is None and params.get("report", True):
             report = write_report(sweep.trial_spec().db, sweep.study, reports_root() / sweep.study)["report"]
             print(f"report: {report}")
-        return {"told": told, "report": report, "next_conf": nxt}
+        return {"report": report, "next_conf": nxt}
 
-    told = tell(asked)
+    finished = finish(lanes, run_trials.output)
 
     @task.short_circuit
-    def more_trials(result: dict) -> bool:
+    def more_stages(result: dict) -> bool:
         return result["next_conf"] is not None
 
-    next_round = TriggerDagRunOperator(
-        task_id="next_round", trigger_dag_id="prune_sweep", logical_date=None,
-        conf="{{ ti.xcom_pull(task_ids='tell')['next_conf'] }}",
+    next_stage = TriggerDagRunOperator(
+        task_id="next_stage", trigger_dag_id="prune_sweep", logical_date=None,
+        conf="{{ ti.xcom_pull(task_ids='finish')['next_conf'] }}",
     )
 
-    run_trials >> told
-    more_trials(told) >> next_round
+    more_stages(finished) >> next_stage

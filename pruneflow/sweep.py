@@ -1,14 +1,18 @@
-"""Sweeps: search per-group sparsities with Optuna's ask/tell, one round of trials at a time.
+"""Sweeps: search per-group sparsities with Optuna's ask/tell, without round barriers.
 
 The search state lives in the results DB through Optuna's RDB storage, so a study resumes where
-it stopped and any process (an Airflow task, the CLI) can ask or tell. A round asks `parallel`
-trials, runs them (in-process here, or as `prune_trial` DAG runs), then tells the search what the
-results DB recorded: succeeded trials their objective values, abandoned ones PRUNED, failed or
-missing ones FAIL — a failure never stops the sweep.
+it stopped and any process (an Airflow task, the CLI) can ask or tell. A sweep's trials are split
+into ``parallel`` *lanes* (:func:`lanes`); each lane runs its trials one after another — ask one, run
+it (in-process here, or as a ``prune_trial`` DAG run), tell the search what the results DB recorded,
+ask the next — so a finished trial is followed by the next ask at once, whatever the other lanes do.
+Succeeded trials are told their objective values, abandoned ones PRUNED, failed or missing ones FAIL;
+a failure never stops the sweep. Each asked trial carries its slot (``<run key>/<index>``), so a lane
+that runs again (a retried or cleared task) finds the trial it had asked instead of asking another.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -154,17 +158,18 @@ def load_sweep(path) -> SweepSpec:
 # ---------------------------------------------------------------- the Optuna side
 
 
-def _sampler(sweep: SweepSpec):
+def _sampler(sweep: SweepSpec, seed: int):
     """Constraints reach TPE and NSGA-II through Trial.set_constraint (Optuna 5)."""
     import optuna
 
     if sweep.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=sweep.seed)
-    if sweep.sampler == "grid":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sweep.sampler == "grid":  # the sweep's seed only: it shuffles the grid that stored grid ids index
         return _BudgetedGridSampler({r.name: r.grid() for r in sweep.space}, seed=sweep.seed)
     if sweep.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=sweep.seed, population_size=max(4, 2 * sweep.parallel))
-    return optuna.samplers.TPESampler(seed=sweep.seed, multivariate=True,
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, 2 * sweep.parallel))
+    # constant liar: trials still running count as bad ones, so lanes asking at once do not all get one point
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                       n_startup_trials=max(4, min(10, sweep.n_trials // 3)))
 
 
@@ -189,6 +194,14 @@ def storage_url(sweep: SweepSpec) -> str:
     return sweep.trial_spec().db
 
 
+@functools.lru_cache(maxsize=8)
+def _storage(url: str):
+    """One Optuna storage (and so one engine) per results DB in a process."""
+    import optuna
+
+    return optuna.storages.get_storage(url)
+
+
 def open_study(sweep: SweepSpec):
     """Create the study, or load it to continue; the sweep spec is kept in the study."""
     import optuna
@@ -197,8 +210,11 @@ def open_study(sweep: SweepSpec):
     from pruneflow.store import ResultsStore
 
     ResultsStore(storage_url(sweep)).close()  # creates a SQLite file's folder and our tables
-    study = optuna.create_study(storage=storage_url(sweep), study_name=sweep.study, load_if_exists=True,
-                                directions=sweep.directions, sampler=_sampler(sweep))
+    study = optuna.create_study(storage=_storage(storage_url(sweep)), study_name=sweep.study, load_if_exists=True,
+                                directions=sweep.directions, sampler=optuna.samplers.RandomSampler())
+    # Each ask opens the study afresh (another task, another process): a sampler seeded with the seed alone
+    # would draw its first point again every time, so the seed moves on with the trials asked so far.
+    study.sampler = _sampler(sweep, sweep.seed + len(study.get_trials(deepcopy=False)))
     have = [d.name.lower() for d in study.directions]
     if have != sweep.directions:
         raise SweepError(f"study {sweep.study!r} exists with directions {have}; objective {sweep.objective!r} "
@@ -223,15 +239,15 @@ DENSE_ATTEMPTS = 2
 
 
 def _needs_dense(sweep: SweepSpec, study) -> bool:
-    """Whether the next round must (re)measure the dense model. Raises SweepError when a fraction budget
-    has no dense latency after DENSE_ATTEMPTS failed dense trials: every trial would be told infeasible."""
+    """Whether the dense model must be (re)measured: the study has no dense trial yet, or a fraction budget
+    lost its only ones. Raises SweepError when a fraction budget has no dense latency after DENSE_ATTEMPTS
+    failed dense trials: every trial would be told infeasible."""
     dense = [t for t in study.trials if t.user_attrs.get("dense")]
     if not dense:
         return True
     if any(t.state.name in ("COMPLETE", "RUNNING", "WAITING") for t in dense):
         return False
-    fraction = sweep.latency_budget is not None and sweep.latency_budget.unit != "ms"
-    if not fraction:
+    if not _fraction_budget(sweep):
         return False  # the dense model is only a reference for the report: no retry needed
     if len(dense) < DENSE_ATTEMPTS:
         return True
@@ -242,29 +258,153 @@ def _needs_dense(sweep: SweepSpec, study) -> bool:
                      "cannot be computed without it, so the sweep stops instead of telling every trial infeasible")
 
 
-def ask_round(sweep: SweepSpec, k: int) -> list[dict]:
-    """Ask the search for k trials; returns their trial specs as dicts (JSON-able). The dense model comes
-    first in a study's first round, and again after a failed dense trial when the budget is a fraction."""
+def _fraction_budget(sweep: SweepSpec) -> bool:
+    return sweep.latency_budget is not None and sweep.latency_budget.unit == "fraction"
+
+
+def _trial_spec_for(sweep: SweepSpec, number: int, params: dict[str, float]) -> dict:
+    """The trial spec (a JSON-able dict) that runs the asked trial ``number`` with these sparsities."""
+    base = sweep.trial_spec().model_dump(mode="json")
+    base["pruning"]["groups"] = [{"name": r.name, "patterns": list(r.patterns), "sparsity": float(params[r.name])}
+                                 for r in sweep.space if params[r.name] > 0]
+    base.update({"name": sweep.study, "trial_id": trial_id_for(sweep, number), "study": sweep.study,
+                 "sweep": {"optuna_trial_number": number, "keep_at_chance": bool(sweep.promote),
+                           "early_stopping": sweep.early_stopping.model_dump()}})
+    return base
+
+
+def lanes(n_trials: int, parallel: int) -> list[list[int]]:
+    """The slot indexes of each lane: lane i runs slots i, i + parallel, ... one after another."""
+    return [list(range(i, n_trials, parallel)) for i in range(min(parallel, n_trials))]
+
+
+def slot_key(run_key: str, index: int) -> str:
+    return f"{run_key}/{index}"
+
+
+def lane_items(sweep: SweepSpec, n_trials: int | None = None, specs: list[dict] | None = None) -> list[list[dict]]:
+    """What each of the ``parallel`` lanes runs: screening slots (asked when a lane gets to them), or the
+    trials of a promotion stage (``specs``, asked already) dealt out in turn."""
+    if specs is not None:
+        return [[{"spec": s} for s in specs[i::sweep.parallel]] for i in range(min(sweep.parallel, len(specs)))]
+    n = sweep.n_trials if n_trials is None else n_trials
+    return [[{"slot": j} for j in lane] for lane in lanes(n, sweep.parallel)]
+
+
+def lane_told(sweep: SweepSpec, items: list[dict], run_key: str) -> list[dict]:
+    """What the search was told of a lane's trials (every attempt of a slot), for the lane task's XCom."""
     study = open_study(sweep)
-    if sweep.include_dense and _needs_dense(sweep, study):
+    trials = study.get_trials(deepcopy=False)
+    keys = {slot_key(run_key, int(i["slot"])) for i in items if "slot" in i}
+    numbers = {i["spec"]["sweep"]["optuna_trial_number"] for i in items if "spec" in i}
+    return [{"trial_id": t.user_attrs.get("trial_id"), "state": t.state.name} for t in trials
+            if t.number in numbers or t.user_attrs.get("slot") in keys]
+
+
+def start_sweep(sweep: SweepSpec, run_key: str, screening: bool = True,
+                active: Callable[[str], bool] = lambda _key: False, progress: Progress | None = None) -> None:
+    """Before a sweep run's lanes start: tell the search what became of trials that earlier, ended runs asked
+    and never told (a killed or cleared sweep task), so no trial stays RUNNING for ever; then, for a
+    screening run, put the dense model first in line when the study needs it.
+
+    ``active(run key)`` says whether the run that asked a trial still runs (its trials are left alone).
+    Raises SweepError when a fraction budget has no dense latency after DENSE_ATTEMPTS dense trials."""
+    tell_unfinished(sweep, lambda owner: owner != run_key and not (owner and active(owner)),
+                    "stale: asked by sweep run {owner}, which ended before telling it", progress)
+    study = open_study(sweep)
+    if screening and sweep.include_dense and _needs_dense(sweep, study):
         study.enqueue_trial({r.name: 0.0 for r in sweep.space}, user_attrs={"dense": True})
-    specs = []
-    for _ in range(k):
-        trial = study.ask(_distributions(sweep))
-        base = sweep.trial_spec().model_dump(mode="json")
-        groups = [{"name": r.name, "patterns": list(r.patterns), "sparsity": float(trial.params[r.name])}
-                  for r in sweep.space if trial.params[r.name] > 0]
-        base["pruning"]["groups"] = groups
-        tid = trial_id_for(sweep, trial.number)
-        base.update({"name": sweep.study, "trial_id": tid, "study": sweep.study,
-                     "sweep": {"optuna_trial_number": trial.number, "keep_at_chance": bool(sweep.promote),
-                               "early_stopping": sweep.early_stopping.model_dump()}})
-        trial.set_user_attr("trial_id", tid)
-        specs.append(base)
-    return specs
 
 
-def promote_round(sweep: SweepSpec, stage: int, progress: Progress | None = None) -> list[dict]:
+def tell_unfinished(sweep: SweepSpec, owned: Callable[[str | None], bool], reason: str,
+                    progress: Progress | None = None) -> list[dict]:
+    """Tell every RUNNING trial whose asking run (``sweep_run``) ``owned`` selects what the results DB has for
+    it — FAIL with ``reason`` (``{owner}`` filled in) when it has no result."""
+    from optuna.trial import TrialState
+
+    from pruneflow.store import ResultsStore
+
+    study = open_study(sweep)
+    store = ResultsStore(storage_url(sweep))
+    told = []
+    try:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = t.user_attrs.get("sweep_run")
+            if not owned(owner):
+                continue
+            told.append(_tell(sweep, study, store, t.number, t.user_attrs.get("trial_id") or trial_id_for(sweep, t.number),
+                              missing=reason.format(owner=owner or "?")))
+            if progress:
+                progress(f"tell {told[-1]['trial_id']} (left unfinished by {owner or '?'}): {told[-1]['state']}")
+    finally:
+        store.close()
+    return told
+
+
+def check_lanes(sweep: SweepSpec, run_key: str, planned: int, finished: int, progress: Progress | None = None) -> None:
+    """After a sweep run's lanes: tell what a failed lane left unfinished, then raise SweepError if any lane
+    failed — naming the dense trials' reasons when a fraction budget lost its dense model for good."""
+    tell_unfinished(sweep, lambda owner: owner == run_key, "its sweep lane failed before telling it", progress)
+    if finished >= planned:
+        return
+    study = open_study(sweep)
+    if _fraction_budget(sweep) and _dense_latency(study) is None:
+        _needs_dense(sweep, study)
+    raise SweepError(f"study {sweep.study!r}: {planned - finished} of {planned} lanes of sweep run {run_key} failed "
+                     "(their run_trials task logs say why); their unfinished trials were told failed")
+
+
+def _ask(sweep: SweepSpec, study, slot: str | None, run_key: str) -> dict:
+    trial = study.ask(_distributions(sweep))
+    tid = trial_id_for(sweep, trial.number)
+    trial.set_user_attr("trial_id", tid)
+    trial.set_user_attr("sweep_run", run_key)
+    if slot is not None:
+        trial.set_user_attr("slot", slot)
+    return _trial_spec_for(sweep, trial.number, trial.params)
+
+
+def current_trial(sweep: SweepSpec, items: list[dict], run_key: str, progress: Progress | None = None) -> dict | None:
+    """The trial a lane runs now: the first of its items not told yet, asked when it has not been.
+
+    An item is ``{"slot": i}`` (a screening trial, asked when the lane gets to it) or ``{"spec": ...}``
+    (a trial asked already: a promoted one). Idempotent: a lane that runs again gets the trial it had asked.
+    A slot whose dense trial failed asks the dense model again while a fraction budget needs it (Raises
+    SweepError after DENSE_ATTEMPTS). None when every item of the lane is told."""
+    study = open_study(sweep)
+    trials = study.get_trials(deepcopy=False)
+    by_slot: dict[str, Any] = {}
+    for t in trials:
+        if "slot" in t.user_attrs:
+            by_slot[t.user_attrs["slot"]] = t  # the latest trial of a slot wins (a dense retry)
+    for item in items:
+        if "spec" in item:
+            if not trials[item["spec"]["sweep"]["optuna_trial_number"]].state.is_finished():
+                return item["spec"]
+            continue
+        key = slot_key(run_key, int(item["slot"]))
+        t = by_slot.get(key)
+        if t is None or (t.user_attrs.get("dense") and t.state.name == "FAIL" and _fraction_budget(sweep)
+                         and _needs_dense(sweep, study)):
+            if t is not None:
+                study.enqueue_trial({r.name: 0.0 for r in sweep.space}, user_attrs={"dense": True})
+            spec = _ask(sweep, study, key, run_key)
+            if progress:
+                progress(f"ask {spec['trial_id']} (slot {key}): "
+                         + (", ".join(f"{g['name']} {g['sparsity']:.3f}" for g in spec["pruning"]["groups"]) or "dense"))
+            return spec
+        if not t.state.is_finished():
+            return _trial_spec_for(sweep, t.number, t.params)
+    return None
+
+
+def ask_trials(sweep: SweepSpec, k: int, run_key: str = "ask") -> list[dict]:
+    """Ask the search for k trials at once (slots 0..k-1 of ``run_key``); their trial specs as dicts."""
+    start_sweep(sweep, run_key)
+    return [current_trial(sweep, [{"slot": i}], run_key) for i in range(k)]
+
+
+def promote_round(sweep: SweepSpec, stage: int, progress: Progress | None = None, run_key: str = "promote") -> list[dict]:
     """Promotion stage ``stage`` (1-based): the previous stage's best ``top`` trials for the objective
     (:func:`pruneflow.analysis.promotion_order`), each as a new trial with the same sparsities fine-tuned for
     the stage's epochs, told to the search like any trial (it is asked with its parent's parameters).
@@ -289,6 +429,7 @@ def promote_round(sweep: SweepSpec, stage: int, progress: Progress | None = None
             study.enqueue_trial(params, user_attrs={"stage": stage, "parent": parent["trial_id"]})
             trial = study.ask(_distributions(sweep))
             trial.set_user_attr("trial_id", tid)
+            trial.set_user_attr("sweep_run", run_key)
             number = trial.number
         spec.update({"trial_id": tid, "sweep": {**spec["sweep"], "optuna_trial_number": number, "stage": stage,
                                                  "parent": parent["trial_id"], "keep_at_chance": False}})
@@ -322,70 +463,97 @@ def constraint(sweep: SweepSpec, latency: float, top1: float, budget: float | No
     return None
 
 
-def tell_round(sweep: SweepSpec, specs: list[dict], progress: Progress | None = None) -> list[dict]:
-    """Tell the search what the results DB recorded for these trials. Dense first (budget reference)."""
-    from optuna.trial import TrialState
+#: tell_trial's answer while a fraction budget waits for the dense latency: tell again a little later
+WAIT = "WAIT"
 
+
+def tell_trial(sweep: SweepSpec, spec: dict, progress: Progress | None = None) -> dict:
+    """Tell the search what the results DB recorded for this trial (telling twice is harmless).
+
+    With a fraction latency budget a succeeded trial is told only once the dense latency is known (its
+    constraint needs it): until then the answer's state is :data:`WAIT` (a lane asks again later); SweepError when the dense trial failed for good."""
     from pruneflow.store import ResultsStore
 
     study = open_study(sweep)
+    number = spec["sweep"]["optuna_trial_number"]
+    frozen = study.get_trials(deepcopy=False)[number]
+    if frozen.state.is_finished():
+        return {"trial_id": spec["trial_id"], "state": frozen.state.name, "already": True}
     store = ResultsStore(storage_url(sweep))
-    told = []
     try:
-        ordered = sorted(specs, key=lambda s: 0 if not s["pruning"]["groups"] else 1)
-        for spec in ordered:
-            number = spec["sweep"]["optuna_trial_number"]
-            frozen = study.get_trials(deepcopy=False)[number]
-            if frozen.state.is_finished():
-                told.append({"trial_id": spec["trial_id"], "state": frozen.state.name, "already": True})
-                continue
-            row = store.get_trial(spec["trial_id"]) or {}
-            status = row.get("status")
-            latency, top1 = row.get("latency_median_ms"), row.get("top1_final")
-            if status == "succeeded" and latency is not None and top1 is not None:
-                trial = _trial_handle(study, number)
-                trial.set_user_attr("latency_ms", latency)
-                trial.set_user_attr("top1", top1)
-                trial.set_user_attr("top1_source", row.get("top1_source"))  # recalibrated or fine-tuned
-                c = constraint(sweep, latency, top1, budget_ms(sweep, _dense_latency(study)))
-                if c is not None:
-                    trial.set_user_attr("constraint", c)
-                    trial.set_constraint(sweep.objective, c)
-                study.tell(number, objective_values(sweep, latency, top1))
-                state = "COMPLETE"
-            elif status == "abandoned":
-                study.tell(number, state=TrialState.PRUNED)
-                state = "PRUNED"
-            else:
-                _trial_handle(study, number).set_user_attr("reason", row.get("reason") or "no result recorded")
-                study.tell(number, state=TrialState.FAIL)
-                state = "FAIL"
-            told.append({"trial_id": spec["trial_id"], "state": state, "status": status,
-                         "latency_ms": latency, "top1": top1, "reason": row.get("reason")})
-            if progress:
-                progress(f"tell {spec['trial_id']}: {state}"
-                         + (f" latency {latency:.3f} ms, Top-1 {top1:.2f}%" if state == "COMPLETE" else
-                            f" ({row.get('reason') or status})"))
+        succeeded = (store.get_trial(spec["trial_id"]) or {}).get("status") == "succeeded"
+        if succeeded and _fraction_budget(sweep) and not frozen.user_attrs.get("dense") and _dense_latency(study) is None:
+            _needs_dense(sweep, study)  # raises when the dense trial failed for good
+            return {"trial_id": spec["trial_id"], "state": WAIT}
+        told = _tell(sweep, study, store, number, spec["trial_id"])
     finally:
         store.close()
+    if progress:
+        progress(f"tell {told['trial_id']}: {told['state']}"
+                 + (f" latency {told['latency_ms']:.3f} ms, Top-1 {told['top1']:.2f}%" if told["state"] == "COMPLETE"
+                    else f" ({told.get('reason') or told.get('status')})"))
     return told
 
 
-def _trial_handle(study, number: int):
+def _tell(sweep: SweepSpec, study, store, number: int, trial_id: str, missing: str = "no result recorded") -> dict:
+    from optuna.trial import TrialState
+
+    row = store.get_trial(trial_id) or {}
+    status = row.get("status")
+    latency, top1 = row.get("latency_median_ms"), row.get("top1_final")
+    if status == "succeeded" and latency is not None and top1 is not None:
+        trial = _trial_handle(sweep, study, number)
+        trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("top1", top1)
+        trial.set_user_attr("top1_source", row.get("top1_source"))  # recalibrated or fine-tuned
+        c = constraint(sweep, latency, top1, budget_ms(sweep, _dense_latency(study)))
+        if c is not None:
+            trial.set_user_attr("constraint", c)
+            trial.set_constraint(sweep.objective, c)
+        study.tell(number, objective_values(sweep, latency, top1))
+        state = "COMPLETE"
+    elif status == "abandoned":
+        study.tell(number, state=TrialState.PRUNED)
+        state = "PRUNED"
+    else:
+        row = {**row, "reason": row.get("reason") or missing}
+        _trial_handle(sweep, study, number).set_user_attr("reason", row["reason"])
+        study.tell(number, state=TrialState.FAIL)
+        state = "FAIL"
+    return {"trial_id": trial_id, "state": state, "status": status, "latency_ms": latency, "top1": top1,
+            "reason": row.get("reason")}
+
+
+def _trial_handle(sweep: SweepSpec, study, number: int):
+    """A live handle on trial ``number`` (to set its attributes before it is told), through the storage's
+    public lookups."""
     import optuna
 
-    trial_id = study.get_trials(deepcopy=False)[number]._trial_id
+    storage = _storage(storage_url(sweep))
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               number)
     return optuna.trial.Trial(study, trial_id)
 
 
-def remaining(sweep: SweepSpec, started: int) -> int:
-    return max(0, sweep.n_trials - started)
+def run_lane(sweep: SweepSpec, items: list[dict], run_key: str, runner: Callable[[dict], None],
+             progress: Progress | None = None) -> list[dict]:
+    """Run one lane in this process: each trial asked, run by ``runner`` and told before the next is asked."""
+    told = []
+    while (spec := current_trial(sweep, items, run_key, progress)) is not None:
+        runner(spec)
+        answer = tell_trial(sweep, spec, progress)
+        if answer["state"] == WAIT:  # one lane in one process runs the dense trial first: this cannot wait
+            raise SweepError(f"{spec['trial_id']}: the dense latency is not known yet and no other lane measures it")
+        told.append(answer)
+    return told
 
 
 def run_sweep(sweep: SweepSpec, progress: Progress = lambda _m: None,
               runner: Callable[[dict], None] | None = None) -> dict:
-    """Run the sweep in rounds in this process (the CLI, tests); the Airflow DAG drives the same
-    ask_round/tell_round with prune_trial DAG runs instead."""
+    """Run the sweep in this process (the CLI, tests), its trials one after another: one lane. The
+    Airflow DAG runs ``parallel`` lanes of the same functions with prune_trial DAG runs instead."""
+    import uuid
+
     from pruneflow.stages import TrialFailed, run_trial
 
     def run_in_process(spec: dict) -> None:
@@ -395,22 +563,12 @@ def run_sweep(sweep: SweepSpec, progress: Progress = lambda _m: None,
             progress(f"trial {spec['trial_id']} failed: {exc}")
 
     runner = runner or run_in_process
-    started = 0
-    rounds = 0
-    while remaining(sweep, started):
-        k = min(sweep.parallel, remaining(sweep, started))
-        specs = ask_round(sweep, k)
-        rounds += 1
-        progress(f"round {rounds}: {', '.join(s['trial_id'] for s in specs)}")
-        for spec in specs:
-            runner(spec)
-        tell_round(sweep, specs, progress)
-        started += k
+    run_key = f"cli-{uuid.uuid4().hex[:12]}"
+    start_sweep(sweep, run_key, progress=progress)
+    run_lane(sweep, [{"slot": i} for i in range(sweep.n_trials)], run_key, runner, progress)
     for stage in range(1, len(sweep.promote) + 1):
-        specs = promote_round(sweep, stage, progress)
-        for spec in specs:
-            runner(spec)
-        tell_round(sweep, specs, progress)
+        specs = promote_round(sweep, stage, progress, run_key)
+        run_lane(sweep, [{"spec": s} for s in specs], run_key, runner, progress)
     return summarize(sweep)
 
 

@@ -36,15 +36,10 @@ _FORM_DEFAULTS: dict[tuple[str, ...], Any] = {
 EXTRA_KEYS: dict[str, dict[str, Any]] = {
     "trial": {"default": {}, "title": "Base trial", "section": TRIAL, "schema": {"type": ["object", "null"]},
               "description": 'prune_trial conf keys every trial starts from, e.g. {"epochs": 2, "model": "resnet56"}.'},
-    "remaining": {"default": None, "title": "Remaining trials", "section": TRIAL,
-                  "schema": {"type": ["integer", "null"], "minimum": 0},
-                  "description": "Set by the sweep itself between rounds; leave empty."},
-    "round": {"default": 1, "title": "Round", "section": TRIAL, "schema": {"type": "integer", "minimum": 1},
-              "description": "Set by the sweep itself; leave at 1."},
     "stage": {"default": 0, "title": "Promotion stage", "section": TRIAL, "schema": {"type": "integer", "minimum": 0},
               "description": "Set by the sweep itself: 0 while screening, then each promotion stage; leave at 0."},
     "report": {"default": True, "title": "Write the report", "section": TRIAL, "schema": {"type": "boolean"},
-               "description": "Write the study's report (PRUNEFLOW_REPORTS/<study>/) after the last round."},
+               "description": "Write the study's report (PRUNEFLOW_REPORTS/<study>/) after the last stage."},
 }
 
 
@@ -80,9 +75,10 @@ def sweep_from_conf(conf: dict[str, Any] | None) -> SweepSpec:
     return parse_sweep(data)
 
 
-def remaining_trials(conf: dict[str, Any] | None, sweep: SweepSpec) -> int:
-    rem = (conf or {}).get("remaining")
-    return sweep.n_trials if rem is None else int(rem)
+def sweep_from_params(params: dict[str, Any]) -> SweepSpec:
+    """The SweepSpec of a prune_sweep run's params (Airflow adds none of its own, but only our keys count)."""
+    keys = sweep_defaults()
+    return sweep_from_conf({k: v for k, v in dict(params).items() if k in keys})
 
 
 def trial_conf(spec: dict[str, Any]) -> dict[str, Any]:
@@ -90,18 +86,12 @@ def trial_conf(spec: dict[str, Any]) -> dict[str, Any]:
     return {"name": spec["name"], "trial_id": spec["trial_id"], "study": spec["study"], "spec_overrides": spec}
 
 
-def next_conf(conf: dict[str, Any] | None, sweep: SweepSpec, ran: int) -> dict[str, Any] | None:
-    """The conf of the sweep's next DAG run after one that ran ``ran`` trials: the next screening round while
-    screening trials remain, then each promotion stage in turn; None when the sweep is done."""
+def next_conf(conf: dict[str, Any] | None, sweep: SweepSpec) -> dict[str, Any] | None:
+    """The conf of the sweep's next DAG run: after the screen, each promotion stage in turn; None when done."""
     c = dict(conf or {})
     stage = int(c.get("stage") or 0)
-    c["round"] = int(c.get("round") or 1) + 1
-    if stage == 0:
-        c["remaining"] = max(0, remaining_trials(conf, sweep) - ran)
-        if c["remaining"] > 0:
-            return c
     if stage < len(sweep.promote):
-        c.update(stage=stage + 1, remaining=0)
+        c["stage"] = stage + 1
         return c
     return None
 

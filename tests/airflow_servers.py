@@ -24,6 +24,8 @@ from pruneflow import airflow_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "prune_trial"
+# every minute: the scheduler's next "night" comes within a minute (the test pauses the DAG after one run)
+NIGHTLY_SCHEDULE = "* * * * *"
 UP_TIMEOUT = 240  # seconds; about 20 s on an idle 2-core machine, more when it is busy
 
 
@@ -169,7 +171,11 @@ def shared_servers(config: pytest.Config, tmp_path_factory: pytest.TempPathFacto
     the session ends."""
     global _shared
     if _shared is None:
-        _shared = AirflowServers(root=tmp_path_factory.mktemp("airflow"), port=free_port())
+        root = tmp_path_factory.mktemp("airflow")
+        # the nightly continuation is configured as a user configures it (test_sweep_airflow runs it)
+        _shared = AirflowServers(root=root, port=free_port(), extra_env={
+            "AIRFLOW__PRUNEFLOW__NIGHTLY_SCHEDULE": NIGHTLY_SCHEDULE,
+            "PRUNEFLOW_NIGHTLY": str(root / "out" / "nightly.yaml")})
         config.add_cleanup(_stop_shared)
     if not _shared.is_up():
         _shared.up()

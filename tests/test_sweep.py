@@ -12,7 +12,7 @@ import pytest
 from pruneflow import analysis
 from pruneflow.spec import parse_spec
 from pruneflow.store import ResultsStore
-from pruneflow.sweep import SweepError, ask_round, parse_sweep, run_sweep, tell_round
+from pruneflow.sweep import SweepError, ask_trials, parse_sweep, run_sweep, tell_trial
 
 SPACE = [{"name": "a", "patterns": ["layer1.*.conv1"], "low": 0.0, "high": 0.8, "step": 0.2},
          {"name": "b", "patterns": ["layer3.*.conv1"], "low": 0.0, "high": 0.8, "step": 0.2}]
@@ -154,7 +154,7 @@ def test_a_failed_dense_trial_is_retried_for_a_fraction_budget(tmp_path):
 def test_a_dense_trial_that_keeps_failing_stops_the_sweep_with_the_reason(tmp_path):
     sweep = _sweep(tmp_path, objective="top1_under_latency", sampler="random", **BUDGET_FRACTION)
     with pytest.raises(SweepError, match=r"the dense trial failed 2 times \(s-0000: export: parity failed; "
-                                         r"s-0002: export: parity failed\).*latency_budget 0.6 fraction"):
+                                         r"s-0001: export: parity failed\).*latency_budget 0.6 fraction"):
         run_sweep(sweep, runner=synthetic_runner(fail_when=lambda a, b: a == 0 and b == 0))
     # with a budget in ms the dense model is only a reference: its failure does not stop the sweep
     ms = _sweep(tmp_path, study="ms", objective="top1_under_latency", sampler="random", **BUDGET_MS)
@@ -169,10 +169,11 @@ def _sparsities(tmp_path, trial_id):
 
 def test_trial_with_no_result_is_told_failed(tmp_path):
     sweep = _sweep(tmp_path, objective="latency", n_trials=2)
-    specs = ask_round(sweep, 2)
-    told = tell_round(sweep, specs)  # nothing ran: no rows
+    specs = ask_trials(sweep, 2)
+    told = [tell_trial(sweep, s) for s in specs]  # nothing ran: no rows
     assert [t["state"] for t in told] == ["FAIL", "FAIL"]
-    again = tell_round(sweep, specs)  # telling twice is harmless
+    assert all(t["reason"] == "no result recorded" for t in told)
+    again = [tell_trial(sweep, s) for s in specs]  # telling twice is harmless
     assert all(t["already"] for t in again)
 
 

@@ -1,11 +1,17 @@
-"""A sweep through real Airflow servers: prune_sweep rounds trigger prune_trial runs, the search is
-told, the study resumes, the report is written, and the plugin page serves it only to a logged-in user."""
+"""A sweep through real Airflow servers: prune_sweep's lanes trigger prune_trial runs without round
+barriers, the search is told, a killed sweep resumes without a trial left RUNNING, a dense trial that keeps
+failing fails the sweep with the reason, the nightly schedule continues its studies, the report is written,
+and the plugin page serves it only to a logged-in user."""
 
+import itertools
 import shutil
 import time
+from datetime import datetime
 
 import httpx
-from airflow_servers import REPO, airflow_servers  # noqa: F401  (the shared fixture)
+import optuna
+import yaml
+from airflow_servers import NIGHTLY_SCHEDULE, REPO, airflow_servers  # noqa: F401  (the shared fixture)
 from test_ui_browser import browser_context  # noqa: F401
 
 from pruneflow import analysis
@@ -21,17 +27,54 @@ def _sweep_runs(client) -> list[dict]:
     return r.json()["dag_runs"]
 
 
-def _wait_sweep(client, expected_runs: int, timeout: float = 600) -> list[dict]:
+def _wait_sweep(client, expected_runs: int, timeout: float = 600, study: str | None = None) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = _sweep_runs(client)
+        runs = [r for r in _sweep_runs(client) if study is None or (r.get("conf") or {}).get("study") == study]
         states = [r["state"] for r in runs]
-        if "failed" in states:
-            raise AssertionError(f"a prune_sweep round failed: {runs}")
-        if len(runs) >= expected_runs and all(s == "success" for s in states):
+        if "failed" in states and study is None:
+            raise AssertionError(f"a prune_sweep run failed: {runs}")
+        if len(runs) >= expected_runs and all(s in ("success", "failed") for s in states):
             return runs
         time.sleep(3)
     raise AssertionError(f"sweep did not finish: {_sweep_runs(client)}")
+
+
+def _trial_runs(client, study: str) -> list[dict]:
+    runs = client.get("/api/v2/dags/prune_trial/dagRuns", params={"limit": 100}).json()["dag_runs"]
+    return [t for t in runs if (t.get("conf") or {}).get("study") == study]
+
+
+def _t(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _study(s, name: str):
+    return optuna.load_study(study_name=name, storage=s.results_db)
+
+
+def _assert_no_round_barrier(trial_runs: list[dict], trials: list, parallel: int) -> None:
+    """From the run records: at most `parallel` prune_trial runs at once, and each lane asks its next trial
+    right after telling the last one — no other trial is told in between (a round barrier would wait there
+    for the rest of the round)."""
+    events = sorted([(_t(r["start_date"]), 1) for r in trial_runs] + [(_t(r["end_date"]), -1) for r in trial_runs])
+    in_flight = peak = 0
+    for _, step in events:
+        in_flight += step
+        peak = max(peak, in_flight)
+    assert 1 <= peak <= parallel, (peak, parallel)
+    lanes: dict[int, list] = {}
+    for t in trials:
+        index = t.user_attrs["slot"].rsplit("/", 1)[1]
+        lanes.setdefault(int(index) % parallel, []).append(t)
+    assert len(lanes) == parallel
+    tells = sorted(t.datetime_complete for t in trials)
+    for lane in lanes.values():
+        lane.sort(key=lambda t: t.datetime_start)
+        for before, after in itertools.pairwise(lane):
+            assert before.datetime_complete <= after.datetime_start
+            between = [c for c in tells if before.datetime_complete < c < after.datetime_start]
+            assert not between, (before.number, after.number, between)
 
 
 def test_sweep_rounds_resume_report_and_plugin(airflow_servers):  # noqa: F811
@@ -49,20 +92,23 @@ def test_sweep_rounds_resume_report_and_plugin(airflow_servers):  # noqa: F811
             "trial": TRIAL}
     r = client.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": conf})
     assert r.status_code == 200, r.text
-    _wait_sweep(client, expected_runs=2)  # 3 trials in rounds of 2: two prune_sweep runs
+    _wait_sweep(client, expected_runs=1)  # the 3 trials in 2 lanes: one prune_sweep run, no rounds
     rows = analysis.study_rows(s.results_db, "airflow-sweep")
     assert len(rows) == 3 and rows[0]["dense"]
     assert all(r["status"] in ("succeeded", "failed", "abandoned") for r in rows)
     assert sum(r["status"] == "succeeded" for r in rows) >= 2
-    trial_runs = client.get("/api/v2/dags/prune_trial/dagRuns", params={"limit": 100}).json()["dag_runs"]
-    assert sum(1 for t in trial_runs if (t.get("conf") or {}).get("study") == "airflow-sweep") == 3
+    trial_runs = _trial_runs(client, "airflow-sweep")
+    assert len(trial_runs) == 3
+    trials = _study(s, "airflow-sweep").trials
+    assert all(t.state.is_finished() for t in trials)
+    _assert_no_round_barrier(trial_runs, trials, parallel=2)
     report = s.out / "reports" / "airflow-sweep" / "report.html"
     assert report.is_file() and "Pareto front" in report.read_text()
 
     # a second run of the same study continues it
     r = client.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": {**conf, "n_trials": 1}})
     assert r.status_code == 200
-    _wait_sweep(client, expected_runs=3)
+    _wait_sweep(client, expected_runs=2)
     rows = analysis.study_rows(s.results_db, "airflow-sweep")
     assert [r["trial_id"] for r in rows] == [f"airflow-sweep-{i:04d}" for i in range(4)]
 
@@ -73,6 +119,90 @@ def test_sweep_rounds_resume_report_and_plugin(airflow_servers):  # noqa: F811
     assert page.status_code == 200 and "<svg" in page.text and "airflow-sweep-0000" in page.text
     index = client.get("/pruneflow/")
     assert index.status_code == 200 and "airflow-sweep" in index.text
+
+
+def _unpause(client, *dag_ids: str) -> None:
+    for dag_id in dag_ids:
+        assert client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).status_code == 200
+
+
+def _post_sweep(client, conf: dict) -> str:
+    r = client.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": conf})
+    assert r.status_code == 200, r.text
+    return r.json()["dag_run_id"]
+
+
+def _task_log(s, dag_id: str, run_id: str, task_id: str) -> str:
+    folder = s.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
+    return "\n".join(p.read_text(errors="replace") for p in sorted(folder.rglob("*.log")))
+
+
+def test_a_dense_trial_that_keeps_failing_fails_the_sweep_with_the_reason(airflow_servers):  # noqa: F811
+    """A fraction latency budget needs the dense latency: the dense trial is run again once, then the sweep
+    run fails, its finish task naming both failures, and no trial is left RUNNING."""
+    s = airflow_servers
+    client = s.client(s.token())
+    s.wait_for_dag(client, "prune_sweep")
+    _unpause(client, "prune_trial", "prune_sweep")
+    missing = s.out / "trials" / "no-such-baseline" / "model.pt"  # every trial fails in ensure_baseline
+    run_id = _post_sweep(client, {
+        "study": "dense-fails", "n_trials": 2, "parallel": 2, "sampler": "random", "space": SPACE,
+        "objective": "top1_under_latency", "latency_budget": {"value": 0.8, "unit": "fraction"},
+        "trial": {**TRIAL, "baseline": str(missing)}})
+    run = s.wait_for_run(client, run_id, dag_id="prune_sweep", timeout=600)
+    assert run["state"] == "failed", run
+    assert s.task_states(client, run_id, dag_id="prune_sweep")["finish"] == "failed"
+    log = _task_log(s, "prune_sweep", run_id, "finish")
+    assert "the dense trial failed 2 times" in log and "checkpoint not found" in log, log[-3000:]
+    trials = _study(s, "dense-fails").trials
+    assert [t.state.name for t in trials if t.user_attrs.get("dense")] == ["FAIL", "FAIL"]
+    assert all(t.state.is_finished() for t in trials)
+
+
+def test_the_nightly_schedule_continues_its_studies_and_a_killed_sweep_resumes(airflow_servers):  # noqa: F811
+    """A sweep is killed while its trial runs (its run marked failed, as from the UI). Then the nightly DAG,
+    run by the scheduler on its configured schedule, runs both listed studies by their per-night budget: the
+    killed study is continued, its stale trial told (no trial stays RUNNING), and a new study is started."""
+    s = airflow_servers
+    client = s.client(s.token())
+    s.wait_for_dag(client, "prune_sweep")
+    _unpause(client, "prune_trial", "prune_sweep")
+    killed = {"study": "killed-sweep", "n_trials": 2, "parallel": 1, "sampler": "random", "space": SPACE,
+              "trial": TRIAL, "report": False}
+    run_id = _post_sweep(client, killed)
+    deadline = time.monotonic() + 300
+    while not _trial_runs(client, "killed-sweep"):
+        assert time.monotonic() < deadline, "the sweep never started a trial"
+        time.sleep(1)
+    assert client.patch(f"/api/v2/dags/prune_sweep/dagRuns/{run_id}", json={"state": "failed"}).status_code == 200
+    assert [t.state.name for t in _study(s, "killed-sweep").trials] == ["RUNNING"]  # asked, never told
+
+    (s.out / "nightly.yaml").write_text(yaml.safe_dump([
+        {**killed, "n_trials": 1},
+        {"study": "nightly-new", "n_trials": 1, "parallel": 2, "sampler": "random", "space": SPACE, "trial": TRIAL,
+         "report": False}]))
+    details = s.wait_for_dag(client, "prune_sweep_nightly")
+    assert NIGHTLY_SCHEDULE in str(details.get("timetable_summary")), details.get("timetable_summary")
+    _unpause(client, "prune_sweep_nightly")  # catchup off: the scheduler's next tick on the schedule runs it
+    deadline = time.monotonic() + 300
+    while not (nights := [n for n in client.get("/api/v2/dags/prune_sweep_nightly/dagRuns").json()["dag_runs"]
+                          if n["run_type"] == "scheduled"]):
+        assert time.monotonic() < deadline, "the scheduler did not run prune_sweep_nightly on its schedule"
+        time.sleep(1)
+    assert s.wait_for_run(client, nights[0]["dag_run_id"], dag_id="prune_sweep_nightly")["state"] == "success"
+    (s.out / "nightly.yaml").write_text("[]\n")  # one night only: later ticks (every minute) continue nothing
+    assert client.patch("/api/v2/dags/prune_sweep_nightly", json={"is_paused": True}).status_code == 200
+    for study in ("killed-sweep", "nightly-new"):
+        expected = 2 if study == "killed-sweep" else 1  # the killed run and the night's; the night's
+        runs = _wait_sweep(client, expected_runs=expected, study=study)
+        assert sum(r["state"] == "success" for r in runs) == expected - (study == "killed-sweep"), runs
+    resumed = _study(s, "killed-sweep").trials
+    assert len(resumed) == 2 and all(t.state.is_finished() for t in resumed)
+    stale = resumed[0]
+    assert stale.state.name != "FAIL" or "stale: asked by sweep run" in stale.user_attrs["reason"]
+    assert len(_study(s, "nightly-new").trials) == 1
+    orphan = _trial_runs(client, "killed-sweep")[0]["dag_run_id"]  # the killed sweep's trial run ends on its own
+    assert s.wait_for_run(client, orphan, timeout=300)["state"] in ("success", "failed")
 
 
 def test_plugin_page_in_a_real_browser(airflow_servers, browser_context, tmp_path):  # noqa: F811
