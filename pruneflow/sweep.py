@@ -87,7 +87,7 @@ class SweepSpec(_Strict):
         "tpe", description="tpe (multi-objective TPE for pareto), random, grid (needs a step on every range) or "
         "nsga2")
     n_trials: int = Field(24, ge=1, le=100_000, description="trials to run in this invocation")
-    parallel: int = Field(2, ge=1, le=64, description="trials per round, run at once")
+    parallel: int = Field(2, ge=1, le=64, description="trials in flight at once (lanes)")
     seed: int = Field(0, ge=0, description="sampler seed")
     include_dense: bool = Field(True, description="measure the dense model first (reference and Pareto mark)")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
