@@ -47,8 +47,8 @@ class BenchmarkOptions(BaseModel):
 
     backend: Literal["openvino", "onnxruntime"] = Field("openvino", description="inference runtime")
     device: str = Field("CPU", description="OpenVINO device: CPU, GPU, GPU.0, NPU, AUTO, AUTO:GPU,CPU, "
-                        "HETERO:GPU,CPU, MULTI:GPU,CPU, MYRIAD (the NCS2: precision f16, run by the OpenVINO "
-                        "2022.3 worker on queue bench_ncs2) (onnxruntime: CPU only)")
+                        "HETERO:GPU,CPU, MULTI:GPU,CPU, MYRIAD (the NCS2: precision f16, only on the OpenVINO 2022.3 "
+                        "worker of docker/Dockerfile.ncs2) (onnxruntime: CPU only)")
     precision: Literal["f32", "f16", "bf16"] = Field(
         "f32", description="fixed inference precision (OpenVINO INFERENCE_PRECISION_HINT; onnxruntime: f32 only)")
     threads: int = Field(1, ge=1, le=256, description="inference threads (OpenVINO INFERENCE_NUM_THREADS, "
