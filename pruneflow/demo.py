@@ -32,6 +32,8 @@ GROUPS = ("layer1", "layer2", "layer3")
 #: (benchmarks/recovery_prediction.py)
 PROMOTE = "10:4"
 FINETUNE_LR = 0.02
+# sweep lanes: 3 keep the 2-slot CPU pool busy while a benchmark holds both (benchmarks/RESULTS.md, sweep_throughput)
+PARALLEL = 3
 TRIALS = [  # name, per-group sparsity (of the inner conv of each residual block), fine-tuning epochs
     ("dense", (0.0, 0.0, 0.0), 0),
     ("light", (0.25, 0.25, 0.25), 0),
@@ -199,11 +201,11 @@ def sweep_demo(out: Path, baseline: Path, n_trials: int, promote: list[dict], co
                     raise RuntimeError(f"DAG {dag_id} did not appear")
                 time.sleep(2)
             client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
-        conf = {"study": study, "objective": "pareto", "sampler": "tpe", "n_trials": n_trials, "parallel": 2,
+        conf = {"study": study, "objective": "pareto", "sampler": "tpe", "n_trials": n_trials, "parallel": PARALLEL,
                 "promote": promote,
                 "trial": {"baseline": str(baseline), "lr": FINETUNE_LR, "rounds": 3, "iterations": 60, "warmup": 10}}
         stages = ", then ".join(f"the best {p['top']} fine-tuned for {p['epochs']} epochs" for p in promote)
-        progress(f"sweep: triggering prune_sweep, study {study}: {n_trials} rapid trials 2 at a time, then {stages}")
+        progress(f"sweep: triggering prune_sweep, study {study}: {n_trials} rapid trials in {PARALLEL} lanes, then {stages}")
         client.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": conf}).raise_for_status()
         _wait_for_sweep(client, out / "reports" / study, study, progress)
     finally:
