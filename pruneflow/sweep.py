@@ -12,6 +12,7 @@ that runs again (a retried or cleared task) finds the trial it had asked instead
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -301,6 +302,45 @@ def lane_told(sweep: SweepSpec, items: list[dict], run_key: str) -> list[dict]:
             if t.number in numbers or t.user_attrs.get("slot") in keys]
 
 
+@functools.lru_cache(maxsize=8)
+def _lock_engine(url: str):
+    import sqlalchemy
+
+    return sqlalchemy.create_engine(url, pool_pre_ping=True)
+
+
+@contextlib.contextmanager
+def ask_lock(sweep: SweepSpec):
+    """Asks of one study, one at a time, across processes and hosts: Optuna's RDB storage hands a waiting
+    (enqueued) trial to every ask that reads it before one of them marks it running — two lanes asking at
+    once both got the dense trial. PostgreSQL: a session advisory lock keyed by the study; SQLite (one host):
+    a file lock beside the DB file; other databases: none."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(storage_url(sweep))
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        from filelock import FileLock
+
+        with FileLock(f"{url.database}.ask.lock"):
+            yield
+        return
+    if url.get_backend_name() == "postgresql":
+        import zlib
+
+        from sqlalchemy import text
+
+        engine = _lock_engine(storage_url(sweep))
+        key = zlib.crc32(f"pruneflow-ask:{sweep.study}".encode())
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        return
+    yield
+
+
 def start_sweep(sweep: SweepSpec, run_key: str, screening: bool = True,
                 active: Callable[[str], bool] = lambda _key: False, progress: Progress | None = None) -> None:
     """Before a sweep run's lanes start: tell the search what became of trials that earlier, ended runs asked
@@ -311,9 +351,10 @@ def start_sweep(sweep: SweepSpec, run_key: str, screening: bool = True,
     Raises SweepError when a fraction budget has no dense latency after DENSE_ATTEMPTS dense trials."""
     tell_unfinished(sweep, lambda owner: owner != run_key and not (owner and active(owner)),
                     "stale: asked by sweep run {owner}, which ended before telling it", progress)
-    study = open_study(sweep)
-    if screening and sweep.include_dense and _needs_dense(sweep, study):
-        study.enqueue_trial({r.name: 0.0 for r in sweep.space}, user_attrs={"dense": True})
+    with ask_lock(sweep):
+        study = open_study(sweep)
+        if screening and sweep.include_dense and _needs_dense(sweep, study):
+            study.enqueue_trial({r.name: 0.0 for r in sweep.space}, user_attrs={"dense": True})
 
 
 def tell_unfinished(sweep: SweepSpec, owned: Callable[[str | None], bool], reason: str,
@@ -386,9 +427,10 @@ def current_trial(sweep: SweepSpec, items: list[dict], run_key: str, progress: P
         t = by_slot.get(key)
         if t is None or (t.user_attrs.get("dense") and t.state.name == "FAIL" and _fraction_budget(sweep)
                          and _needs_dense(sweep, study)):
-            if t is not None:
-                study.enqueue_trial({r.name: 0.0 for r in sweep.space}, user_attrs={"dense": True})
-            spec = _ask(sweep, study, key, run_key)
+            with ask_lock(sweep):
+                if t is not None:
+                    study.enqueue_trial({r.name: 0.0 for r in sweep.space}, user_attrs={"dense": True})
+                spec = _ask(sweep, study, key, run_key)
             if progress:
                 progress(f"ask {spec['trial_id']} (slot {key}): "
                          + (", ".join(f"{g['name']} {g['sparsity']:.3f}" for g in spec["pruning"]["groups"]) or "dense"))
@@ -426,8 +468,9 @@ def promote_round(sweep: SweepSpec, stage: int, progress: Progress | None = None
             number = asked[tid].number
         else:
             params = {r.name: float(parent["targets"].get(r.name, 0.0)) for r in sweep.space}
-            study.enqueue_trial(params, user_attrs={"stage": stage, "parent": parent["trial_id"]})
-            trial = study.ask(_distributions(sweep))
+            with ask_lock(sweep):
+                study.enqueue_trial(params, user_attrs={"stage": stage, "parent": parent["trial_id"]})
+                trial = study.ask(_distributions(sweep))
             trial.set_user_attr("trial_id", tid)
             trial.set_user_attr("sweep_run", run_key)
             number = trial.number

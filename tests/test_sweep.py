@@ -236,3 +236,43 @@ def test_real_rapid_trials_in_process(tmp_path, baseline_dir):
     rows = analysis.study_rows(base["db"], "real")
     assert all(not math.isnan(r["latency_median_ms"]) for r in rows)
     assert rows[0]["dense"] and rows[0]["macs_after"] > max(r["macs_after"] for r in rows[1:])
+
+
+def _race_sweep(db, artifacts):
+    return parse_sweep({"study": "race", "base": {"baseline": {"checkpoint": "unused.pt"}, "artifacts": artifacts,
+                                                   "db": db}, "space": SPACE, "n_trials": 4, "parallel": 4})
+
+
+def _ask_slot(db, artifacts, slot, barrier, out):
+    from pruneflow.sweep import current_trial, open_study
+
+    sweep = _race_sweep(db, artifacts)
+    open_study(sweep)  # warm: the asks below start together
+    barrier.wait()
+    spec = current_trial(sweep, [{"slot": slot}], "run")
+    out.put((spec["sweep"]["optuna_trial_number"], not spec["pruning"]["groups"]))
+
+
+def test_lanes_asking_at_once_get_one_trial_each(tmp_path):
+    """Four lanes ask at the same moment, with the dense trial waiting in the queue: each gets its own
+    trial and exactly one gets the dense model (Optuna alone gave the waiting trial to two of them)."""
+    import multiprocessing
+
+    from pruneflow.sweep import start_sweep
+
+    db, artifacts = f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "trials")
+    start_sweep(_race_sweep(db, artifacts), "run")
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_ask_slot, args=(db, artifacts, i, barrier, out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    asked = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    numbers = [n for n, _ in asked]
+    assert sorted(numbers) == [0, 1, 2, 3], asked
+    assert sum(dense for _, dense in asked) == 1, asked
+    study = optuna.load_study(study_name="race", storage=db)
+    assert [t.state.name for t in study.trials] == ["RUNNING"] * 4
+    assert sorted(t.user_attrs["slot"] for t in study.trials) == [f"run/{i}" for i in range(4)]
