@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -195,9 +196,14 @@ def storage_url(sweep: SweepSpec) -> str:
     return sweep.trial_spec().db
 
 
-@functools.lru_cache(maxsize=8)
 def _storage(url: str):
-    """One Optuna storage (and so one engine) per results DB in a process."""
+    """One Optuna storage (and so one engine) per results DB in a process; a forked process makes its own
+    (pooled connections must not be shared across a fork)."""
+    return _storage_in(url, os.getpid())
+
+
+@functools.lru_cache(maxsize=8)
+def _storage_in(url: str, pid: int):
     import optuna
 
     return optuna.storages.get_storage(url)
@@ -302,19 +308,12 @@ def lane_told(sweep: SweepSpec, items: list[dict], run_key: str) -> list[dict]:
             if t.number in numbers or t.user_attrs.get("slot") in keys]
 
 
-@functools.lru_cache(maxsize=8)
-def _lock_engine(url: str):
-    import sqlalchemy
-
-    return sqlalchemy.create_engine(url, pool_pre_ping=True)
-
-
 @contextlib.contextmanager
 def ask_lock(sweep: SweepSpec):
-    """Asks of one study, one at a time, across processes and hosts: Optuna's RDB storage hands a waiting
-    (enqueued) trial to every ask that reads it before one of them marks it running — two lanes asking at
-    once both got the dense trial. PostgreSQL: a session advisory lock keyed by the study; SQLite (one host):
-    a file lock beside the DB file; other databases: none."""
+    """Asks of one study on SQLite, one at a time: Optuna's RDB storage hands a waiting (enqueued) trial to
+    the first ask that marks it running with a row lock (SELECT ... FOR UPDATE), which SQLite lacks, so
+    there two lanes asking at once both got the dense trial. A file lock beside the DB file (SQLite is on
+    one host) keeps them apart; PostgreSQL needs nothing more."""
     from sqlalchemy.engine import make_url
 
     url = make_url(storage_url(sweep))
@@ -323,22 +322,8 @@ def ask_lock(sweep: SweepSpec):
 
         with FileLock(f"{url.database}.ask.lock"):
             yield
-        return
-    if url.get_backend_name() == "postgresql":
-        import zlib
-
-        from sqlalchemy import text
-
-        engine = _lock_engine(storage_url(sweep))
-        key = zlib.crc32(f"pruneflow-ask:{sweep.study}".encode())
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        return
-    yield
+    else:
+        yield
 
 
 def start_sweep(sweep: SweepSpec, run_key: str, screening: bool = True,
