@@ -57,9 +57,11 @@ clean:
 # EXECUTOR=celery: the distributed deployment on this machine (Redis, PostgreSQL, Celery workers for the
 # training stages and per device for the benchmark), loopback only; a home keeps the executor of its first init.
 EXECUTOR ?= local
+# DEVICES=cpu0,cpu1 (celery, first init only): the benchmark devices, one worker and pool each
+DEVICES ?=
 .PHONY: up down status
 up: $(STAMP)
-	$(PY) -m pruneflow.cli airflow up --executor $(EXECUTOR)
+	$(PY) -m pruneflow.cli airflow up --executor $(EXECUTOR) $(if $(DEVICES),--devices $(DEVICES))
 
 down: $(STAMP)
 	$(PY) -m pruneflow.cli airflow down

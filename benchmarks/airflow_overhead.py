@@ -179,6 +179,16 @@ class Servers:
     def down(self) -> None:
         self.cli("down", timeout=120)
 
+    def unpause(self, c, *dag_ids: str, timeout: float = 180) -> None:
+        """Wait until the dag-processor has parsed each DAG, then unpause it."""
+        for dag_id in dag_ids:
+            deadline = time.monotonic() + timeout
+            while c.get(f"/api/v2/dags/{dag_id}/details").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{dag_id} not parsed: {c.get('/api/v2/importErrors').text}")
+                time.sleep(1)
+            c.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+
     def client(self):
         import httpx
 
@@ -196,12 +206,7 @@ def run_airflow(code: Path, root: Path, baseline: Path, n: int, rounds: int, ite
     say(f"airflow up: healthy after {up_s:.1f} s (home {srv.home})")
     try:
         with srv.client() as c:
-            deadline = time.monotonic() + 180
-            while c.get(f"/api/v2/dags/{DAG_ID}/details").status_code != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"DAG not parsed: {c.get('/api/v2/importErrors').text}")
-                time.sleep(1)
-            c.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
+            srv.unpause(c, DAG_ID)
             # Create the results DB's tables first: ResultsStore's create_all races when several trials'
             # first tasks open a fresh DB at once ("table pf_trials already exists").
             subprocess.run([sys.executable, "-c", "import sys; from pruneflow.store import ResultsStore; "

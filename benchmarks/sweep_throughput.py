@@ -79,13 +79,7 @@ def run_airflow(root: Path, baseline: Path, n: int, parallel: int, say, timeout:
     say(f"airflow up: healthy after {srv.up():.1f} s")
     try:
         with srv.client() as c:
-            for dag_id in ("prune_trial", "prune_sweep"):
-                deadline = time.monotonic() + 180
-                while c.get(f"/api/v2/dags/{dag_id}/details").status_code != 200:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{dag_id} not parsed: {c.get('/api/v2/importErrors').text}")
-                    time.sleep(1)
-                c.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+            srv.unpause(c, "prune_trial", "prune_sweep")
             time.sleep(5)  # let start-up work (first parse, serialization) settle
             conf = {"study": "throughput", "objective": "pareto", "sampler": "tpe", "n_trials": n,
                     "parallel": parallel, "seed": 0, "space": SPACE, "report": False,

@@ -2,10 +2,17 @@
 
     validate >> ensure_baseline >> prune >> thinnify >> retrain >> export >> benchmark >> record
 
+With several benchmark targets (``[pruneflow] devices``, e.g. ``cpu0, cpu1, ncs2``), ``benchmark`` is one
+task per target, each on its device's queue and pool, behind a branch that follows the trial's:
+
+    export >> route_benchmark >> [benchmark_cpu0, benchmark_cpu1, benchmark_ncs2] >> record
+
 * **validate** turns the run's conf (the Params below) into a trial spec and checks it — data set,
   model, pruning globs — before anything is trained; the spec travels to the other tasks through XCom.
 * **ensure_baseline** trains the named baseline the first time it is asked for (``baseline`` empty:
   ``<model>-<dataset>-<image_size>`` in ``PRUNEFLOW_BASELINES``), so a fresh install can run a trial.
+* **route_benchmark** follows the benchmark task of the trial's ``benchmark.target`` (MYRIAD: the NCS2
+  worker's, ``bench_ncs2``; otherwise the default, the target on ``[pruneflow] benchmark_queue``).
 * **prune .. record** are the stages of ``pruneflow.stages``; their files go to the trial folder
   (``PRUNEFLOW_ARTIFACTS/<trial_id>``), their results to the results DB (``PRUNEFLOW_DB``).
   A trial abandoned in retrain skips export and benchmark, and is recorded ``abandoned``.
@@ -25,6 +32,7 @@ from datetime import timedelta
 from airflow.configuration import conf as airflow_conf
 from airflow.sdk import DAG
 
+from pruneflow.bench_targets import bench_targets
 from pruneflow_airflow.operators import (
     BenchmarkOperator,
     EnsureBaselineOperator,
@@ -32,8 +40,10 @@ from pruneflow_airflow.operators import (
     PruneOperator,
     RecordOperator,
     RetrainOperator,
+    RouteBenchmarkOperator,
     ThinnifyOperator,
     ValidateTrialOperator,
+    benchmark_task_id,
 )
 from pruneflow_airflow.params import trial_params
 
@@ -43,7 +53,7 @@ BENCHMARK_POOL = airflow_conf.get("pruneflow", "benchmark_pool", fallback="bench
 # so nothing else runs on the CPU while it measures.
 CPU_POOL = airflow_conf.get("pruneflow", "cpu_pool", fallback="") or "default_pool"
 CPU_SLOTS = airflow_conf.getint("pruneflow", "cpu_pool_slots", fallback=1)
-BENCHMARK_SLOTS = CPU_SLOTS if BENCHMARK_POOL == CPU_POOL else 1
+TARGETS = bench_targets(airflow_conf.get("pruneflow", "devices", fallback=""), BENCHMARK_QUEUE, BENCHMARK_POOL)
 
 with DAG(
     dag_id="prune_trial",
@@ -56,18 +66,24 @@ with DAG(
     default_args={"owner": "pruneflow", "retries": 0},
 ) as dag:
     cpu = {"pool": CPU_POOL, "pool_slots": 1}
-    validate = ValidateTrialOperator(task_id="validate", execution_timeout=timedelta(minutes=10), **cpu)
+    validate = ValidateTrialOperator(task_id="validate", bench_targets=TARGETS,
+                                     execution_timeout=timedelta(minutes=10), **cpu)
     ensure_baseline = EnsureBaselineOperator(task_id="ensure_baseline", execution_timeout=timedelta(hours=6), **cpu)
     prune = PruneOperator(task_id="prune", execution_timeout=timedelta(hours=1), **cpu)
     thinnify = ThinnifyOperator(task_id="thinnify", execution_timeout=timedelta(hours=1), **cpu)
     retrain = RetrainOperator(task_id="retrain", execution_timeout=timedelta(hours=24), **cpu)
     export = ExportOperator(task_id="export", execution_timeout=timedelta(hours=1), **cpu)
     # absolute priority: a benchmark waiting for every slot goes before the next trial's torch task
-    benchmark = BenchmarkOperator(
-        task_id="benchmark", queue=BENCHMARK_QUEUE, pool=BENCHMARK_POOL, pool_slots=BENCHMARK_SLOTS,
+    benchmarks = [BenchmarkOperator(
+        task_id=benchmark_task_id(t), queue=t.queue, pool=t.pool, pool_slots=CPU_SLOTS if t.pool == CPU_POOL else 1,
         priority_weight=100, weight_rule="absolute", retries=2,
-        retry_delay=timedelta(seconds=15), execution_timeout=timedelta(hours=1))
+        retry_delay=timedelta(seconds=15), execution_timeout=timedelta(hours=1)) for t in TARGETS]
     record = RecordOperator(
         task_id="record", retries=2, retry_delay=timedelta(seconds=10), execution_timeout=timedelta(minutes=10))
 
-    validate >> ensure_baseline >> prune >> thinnify >> retrain >> export >> benchmark >> record
+    validate >> ensure_baseline >> prune >> thinnify >> retrain >> export
+    if len(TARGETS) == 1:
+        export >> benchmarks[0] >> record
+    else:
+        export >> RouteBenchmarkOperator(task_id="route_benchmark", bench_targets=TARGETS,
+                                         execution_timeout=timedelta(minutes=10)) >> benchmarks >> record

@@ -162,9 +162,29 @@ class Worker:
     serve_logs: bool
 
 
+DEFAULT_DEVICES = ("cpu0",)
+
+
 def devices(home: Home) -> list[str]:
-    raw = home.settings().get("pruneflow", "devices", fallback="cpu0")
+    raw = home.settings().get("pruneflow", "devices", fallback=",".join(DEFAULT_DEVICES))
     return [d.strip() for d in raw.split(",") if d.strip()]
+
+
+def check_devices(executor: str, bench_devices: tuple[str, ...] | None) -> None:
+    """``--devices``: names of benchmark targets (:mod:`pruneflow.bench_targets`), for the celery executor only."""
+    if bench_devices is None:
+        return
+    if executor != "celery":
+        raise AirflowCliError("--devices: only with --executor celery (the embedded default measures on this CPU, "
+                              "on one queue)")
+    if not bench_devices:
+        raise AirflowCliError("--devices: name at least one device, e.g. cpu0")
+    from pruneflow.bench_targets import bench_targets
+
+    try:
+        bench_targets(",".join(bench_devices), "", "")
+    except ValueError as exc:
+        raise AirflowCliError(f"--devices: {exc}".replace("[pruneflow] devices: ", "")) from None
 
 
 def bench_python(home: Home) -> str:
@@ -194,10 +214,12 @@ def components(home: Home) -> tuple[str, ...]:
     return COMPONENTS + tuple(w.name for w in workers(home))
 
 
-def _celery_sections(home: Home, svc: Services) -> str:
+def _celery_sections(home: Home, svc: Services, devices: tuple[str, ...]) -> str:
     return f"""# Celery deployment (`pruneflow airflow up --executor celery`): the devices of this machine. Each gets
-# a benchmark worker on queue bench_<device> (concurrency 1) and a pool bench_<device> of one slot.
-devices = cpu0
+# a benchmark worker on queue bench_<device> (concurrency 1) and a pool bench_<device> of one slot; a trial
+# picks one with benchmark.target (default: the first, on benchmark_queue). After adding one here,
+# `pruneflow airflow init` creates its pool and `up` starts its worker.
+devices = {", ".join(devices)}
 # Interpreter of the benchmark workers (`<it> -m airflow celery worker`). Empty: <repo>/.venv-bench/bin/python
 # when it exists (torch-free), else the main venv.
 bench_python =
@@ -259,7 +281,8 @@ def _airflow(home: Home, *args: str, check: bool = True, timeout: float = 300) -
 
 # ----------------------------------------------------------------------------------------------- init
 
-def render_config(home: Home, port: int, host: str = DEFAULT_HOST, executor: str = "local") -> str:
+def render_config(home: Home, port: int, host: str = DEFAULT_HOST, executor: str = "local",
+                  bench_devices: tuple[str, ...] = DEFAULT_DEVICES) -> str:
     if not TEMPLATE.is_file():
         raise AirflowCliError(f"template not found: {TEMPLATE}")
     # Airflow's usual side ports for the default install; free ones for any other, so that two homes
@@ -293,9 +316,10 @@ def render_config(home: Home, port: int, host: str = DEFAULT_HOST, executor: str
         sec = svc.secrets()
         values.update(
             sql_alchemy_conn=svc.pg_url("airflow"), fernet_key=sec["fernet_key"], secret_key=sec["secret_key"],
-            jwt_secret=sec["jwt_secret"], benchmark_pool="bench_cpu0", benchmark_queue="bench_cpu0",
+            jwt_secret=sec["jwt_secret"], benchmark_pool=f"bench_{bench_devices[0]}",
+            benchmark_queue=f"bench_{bench_devices[0]}",
             # Each device has its own worker and pool; the training stages run in default_pool.
-            cpu_pool="", celery_sections=_celery_sections(home, svc),
+            cpu_pool="", celery_sections=_celery_sections(home, svc, bench_devices),
             # Airflow derives an asyncpg URL for its async engine, and asyncpg is not installed: empty turns
             # that engine off (it serves only the dag-run /wait endpoint and multi-team lookups).
             database_extra="# No async engine (no asyncpg here): only the dag-run /wait endpoint needs it.\n"
@@ -355,8 +379,9 @@ def check_executor(home: Home, executor: str | None) -> str:
 
 
 def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: bool = False,
-         executor: str | None = None, say=print) -> None:
+         executor: str | None = None, bench_devices: tuple[str, ...] | None = None, say=print) -> None:
     executor = check_executor(home, executor)
+    check_devices(executor, bench_devices)
     home.path.mkdir(parents=True, exist_ok=True)
     for d in (home.run, home.logs):
         d.mkdir(exist_ok=True)
@@ -371,10 +396,13 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
     if home.cfg.is_file() and not force:
         if port is not None and home.host_port()[1] != port:
             say(f"keeping {home.cfg} (port {home.host_port()[1]}; use --force to re-render it with port {port})")
+        if bench_devices is not None and tuple(bench_devices) != tuple(devices(home)):
+            say(f"note: {home.cfg} keeps devices = {', '.join(devices(home))} (edit it, or init --force)")
     else:
         if force and running(home):
             raise AirflowCliError("the servers are running: `pruneflow airflow down` before `init --force`")
-        write_private(home.cfg, render_config(home, port or DEFAULT_PORT, host, executor))
+        write_private(home.cfg, render_config(home, port or DEFAULT_PORT, host, executor,
+                                              bench_devices or DEFAULT_DEVICES))
         say(f"wrote {home.cfg} from {TEMPLATE.name}")
 
     t0 = time.monotonic()
@@ -572,14 +600,17 @@ def _log_tail(home: Home, name: str, lines: int = 25) -> str:
 
 
 def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: float = 180,
-       executor: str | None = None, say=print) -> None:
+       executor: str | None = None, bench_devices: tuple[str, ...] | None = None, say=print) -> None:
     t_up = time.monotonic()
     executor = check_executor(home, executor)
+    check_devices(executor, bench_devices)
     if not is_initialized(home):
-        init(home, port=port, host=host, executor=executor, say=say)
+        init(home, port=port, host=host, executor=executor, bench_devices=bench_devices, say=say)
     else:
         if port is not None and home.host_port()[1] != port:
             say(f"note: {home.cfg} uses port {home.host_port()[1]}, not {port} (init --force to change it)")
+        if bench_devices is not None and tuple(bench_devices) != tuple(devices(home)):
+            say(f"note: {home.cfg} keeps devices = {', '.join(devices(home))} (edit it and run init, or init --force)")
         if executor == "celery":
             try:
                 Services(home.path).start(say=say)
@@ -746,9 +777,11 @@ def _cmd(args) -> int:
     home = resolve_home(args.home)
     try:
         if args.airflow_command == "init":
-            init(home, port=args.port, host=args.host, force=args.force, executor=args.executor)
+            init(home, port=args.port, host=args.host, force=args.force, executor=args.executor,
+                 bench_devices=args.devices)
         elif args.airflow_command == "up":
-            up(home, port=args.port, host=args.host, timeout=args.timeout, executor=args.executor)
+            up(home, port=args.port, host=args.host, timeout=args.timeout, executor=args.executor,
+               bench_devices=args.devices)
         elif args.airflow_command == "down":
             stop(home, grace=args.grace)
         else:
@@ -773,6 +806,10 @@ def add_airflow_parser(subparsers) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text, description=text, parents=[common])
         if name in ("init", "up"):
             s.add_argument("--port", type=int, help=f"API server port at first init (default {DEFAULT_PORT})")
+            s.add_argument("--devices", type=lambda v: tuple(d.strip() for d in v.split(",") if d.strip()),
+                           help="celery, at first init: the benchmark devices of this machine, comma separated "
+                                f"(default {','.join(DEFAULT_DEVICES)}): a worker on queue bench_<device> and a pool "
+                                "of one slot each; the first is the default target")
             s.add_argument("--host", default=DEFAULT_HOST, help="API server host at first init (default 127.0.0.1)")
             s.add_argument("--executor", choices=sorted(EXECUTORS), default=None,
                            help="local (default for a new home): LocalExecutor, SQLite; celery: Redis, PostgreSQL and "

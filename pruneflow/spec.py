@@ -132,6 +132,15 @@ class ExportSpec(_Strict):
     compress_to_fp16: bool = Field(False, description="store IR weights as fp16 (storage only)")
 
 
+class TrialBenchmark(BenchmarkOptions):
+    """How a trial's model is measured, and where (``target``: :mod:`pruneflow.bench_targets`)."""
+
+    target: Id | None = Field(
+        None, description="the deployment's benchmark target that measures the trial: one of [pruneflow] devices "
+        "(its worker takes queue bench_<target>); empty: the legacy worker's target for MYRIAD (bench_ncs2), else "
+        "the deployment's benchmark queue. A trial run in-process (`pruneflow trial`) measures where it runs")
+
+
 class EarlyStopping(_Strict):
     rule: Literal["median", "none"] = Field(
         "median", description="median: stop a fine-tuning trial whose validation Top-1 falls below the median of "
@@ -163,7 +172,7 @@ class TrialSpec(_Strict):
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
-    benchmark: BenchmarkOptions = Field(default_factory=BenchmarkOptions)
+    benchmark: TrialBenchmark = Field(default_factory=TrialBenchmark)
     sweep: SweepLink | None = Field(None, description="set on the trials a sweep asks for")
     seed: int = Field(0, ge=0, description="random seed of pruning and fine-tuning")
     artifacts: str = Field("out/trials", description="artifact root folder: each trial gets a folder under it")

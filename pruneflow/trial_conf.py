@@ -70,6 +70,7 @@ _NAMES: dict[tuple[str, ...], tuple[str, str]] = {
     ("benchmark", "rounds"): ("rounds", "Rounds"),
     ("benchmark", "iterations"): ("iterations", "Iterations per round"),
     ("benchmark", "seed"): ("benchmark_seed", "Benchmark input seed"),
+    ("benchmark", "target"): ("bench_target", "Benchmark target"),
     ("artifacts",): ("artifacts", "Artifact root"),
     ("db",): ("db", "Results DB"),
     ("sweep",): ("sweep", "Sweep link"),

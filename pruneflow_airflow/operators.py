@@ -25,12 +25,14 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.standard.operators.branch import BaseBranchOperator
 from airflow.sdk import BaseOperator, TriggerRule
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from pruneflow.bench_targets import BenchTarget
     from pruneflow.spec import TrialSpec
 
 __all__ = [
@@ -40,9 +42,11 @@ __all__ = [
     "PruneOperator",
     "RecordOperator",
     "RetrainOperator",
+    "RouteBenchmarkOperator",
     "ThinnifyOperator",
     "TrialStageOperator",
     "ValidateTrialOperator",
+    "benchmark_task_id",
     "record_failure",
 ]
 
@@ -68,7 +72,8 @@ def record_failure(context: Context) -> None:
     ti = context.get("ti")
     task = context.get("task")
     exc = context.get("exception")
-    stage = getattr(ti, "task_id", None) or getattr(task, "task_id", "unknown")
+    # the stage, not the task: benchmark_cpu1 is the benchmark stage
+    stage = getattr(task, "stage", "") or getattr(ti, "task_id", None) or getattr(task, "task_id", "unknown")
     reason = _failure_reason(exc, task)
     log = getattr(task, "log", None)
     spec = getattr(task, "_trial_spec", None)
@@ -142,19 +147,24 @@ class ValidateTrialOperator(BaseOperator):
     Returns the spec as a JSON dict (XCom), with the trial id from the conf or derived from the run id.
 
     :param conf: the flat conf (see :mod:`pruneflow.trial_conf`); default: the run's params.
+    :param bench_targets: the deployment's benchmark targets (:func:`pruneflow.bench_targets.bench_targets`):
+        the trial's ``benchmark.target`` and device must route to one of them.
     """
 
     template_fields: Sequence[str] = ("conf",)
     template_fields_renderers = {"conf": "json"}
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, conf: dict[str, Any] | None = None, check_plan: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *, conf: dict[str, Any] | None = None, check_plan: bool = True,
+                 bench_targets: Sequence[BenchTarget] = (), **kwargs: Any) -> None:
         super().__init__(**_with_failure_recording(kwargs))
         self.conf = conf
         self.check_plan = check_plan
+        self.bench_targets = tuple(bench_targets)
 
     def execute(self, context: Context) -> dict[str, Any]:
         from pruneflow import stages
+        from pruneflow.bench_targets import route
         from pruneflow.spec import SpecError
         from pruneflow.trial_conf import spec_from_conf
 
@@ -168,6 +178,9 @@ class ValidateTrialOperator(BaseOperator):
             self._trial_spec = spec
             self.log.info("trial %s: artifacts %s, results DB %s, baseline %s", spec.trial_id, spec.trial_dir(),
                           spec.db, spec.baseline.checkpoint)
+            if self.bench_targets:
+                target = route(spec.benchmark.device, spec.benchmark.target, self.bench_targets)
+                self.log.info("benchmark: queue %s, pool %s", target.queue, target.pool)
             if self.check_plan:
                 with stage_environment():
                     self.log.info("plan check: %s", stages.check_plan(spec))
@@ -322,6 +335,36 @@ class BenchmarkOperator(_AfterRetrain):
         # who measured, in latency.json and the results DB: the library knows the host and the environment,
         # only the task knows its Celery queue (Airflow tells the worker process nothing else)
         return {"worker": {"queue": self.queue}}
+
+
+def benchmark_task_id(target: BenchTarget) -> str:
+    """The benchmark task of a target: ``benchmark`` for a deployment's only, unnamed target."""
+    return f"benchmark_{target.name}" if target.name else "benchmark"
+
+
+class RouteBenchmarkOperator(BaseBranchOperator):
+    """Follow the benchmark task of the trial's target (:func:`pruneflow.bench_targets.route`: its
+    ``benchmark.target``, else the legacy worker for MYRIAD, else the default) and skip the others.
+    Skipped itself, like the benchmark, when the trial was abandoned (its upstream export skipped)."""
+
+    ui_color = "#fff0e0"
+
+    def __init__(self, *, bench_targets: Sequence[BenchTarget], spec_task_id: str = "validate", **kwargs: Any) -> None:
+        super().__init__(**_with_failure_recording(kwargs))
+        self.bench_targets = tuple(bench_targets)
+        self.spec_task_id = spec_task_id
+
+    def choose_branch(self, context: Context) -> str:
+        from pruneflow.bench_targets import route
+        from pruneflow.spec import SpecError, parse_spec
+
+        try:
+            spec = parse_spec(context["ti"].xcom_pull(task_ids=self.spec_task_id) or {})
+            target = route(spec.benchmark.device, spec.benchmark.target, self.bench_targets)
+        except SpecError as exc:
+            raise AirflowFailException(str(exc)) from None
+        self.log.info("trial %s: benchmark on %s (queue %s)", spec.trial_id, target.name, target.queue)
+        return benchmark_task_id(target)
 
 
 class RecordOperator(TrialStageOperator):

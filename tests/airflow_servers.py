@@ -49,6 +49,7 @@ class AirflowServers:
     up_seconds: float = 0.0
     executor: str = "local"  # or "celery": Redis, PostgreSQL and Celery workers (`up --executor celery`)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. AIRFLOW__SECTION__KEY overrides
+    devices: str = ""  # celery: `up --devices` (benchmark targets), e.g. "cpu0,cpu1"
 
     @property
     def home(self) -> Path:
@@ -98,7 +99,7 @@ class AirflowServers:
     def up(self) -> None:
         t0 = time.monotonic()
         proc = self.pruneflow("up", "--port", str(self.port), "--timeout", str(UP_TIMEOUT - 20),
-                              "--executor", self.executor)
+                              "--executor", self.executor, *(["--devices", self.devices] if self.devices else []))
         self.up_seconds = time.monotonic() - t0
         self.up_output = proc.stdout + proc.stderr
         if proc.returncode != 0:

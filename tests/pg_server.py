@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL server on loopback for the results-DB tests, and fresh databases on it.
 
-Import the fixtures into a test module: ``from pg_server import pg_database, postgres_url  # noqa: F401``.
+Import the fixtures into a test module: ``from pg_server import pg_database, pg_server, postgres_url  # noqa: F401``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,38 +33,66 @@ def _pg_bin(name: str) -> str | None:
     return shutil.which(name)
 
 
+@dataclass
+class PgServer:
+    """A PostgreSQL server of the tests: trust authentication on 127.0.0.1, stopped and started as its
+    administrator would (``pg_ctl``)."""
+
+    data: Path
+    port: int
+    run_as: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://pf@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        subprocess.run(self.run_as + [_pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.data.parent / "log"),
+                                      "-o", f"-h 127.0.0.1 -p {self.port} -k {self.data.parent}", "start"],
+                       check=True, capture_output=True)
+        engine = create_engine(self.url)
+        try:
+            for _ in range(50):
+                try:
+                    with engine.connect():
+                        return
+                except Exception:
+                    time.sleep(0.2)
+        finally:
+            engine.dispose()
+
+    def stop(self) -> None:
+        subprocess.run(self.run_as + [_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"], capture_output=True)
+
+
 @pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
+def pg_server() -> Iterator[PgServer]:
     """A throwaway PostgreSQL server on 127.0.0.1, run as an unprivileged user when we are root."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     assert initdb and pg_ctl, "PostgreSQL server binaries are missing: run `make system-deps`"
     # PostgreSQL refuses to run as root: as root, the server runs as the postgres user in a folder
     # it owns outside pytest's root-only tmp tree
     base = Path(tempfile.mkdtemp(prefix="pruneflow-pg-"))
+    base.chmod(0o711)
     data = base / "data"
-    port = _free_port()
     run_as: list[str] = []
     if os.geteuid() == 0:
         shutil.chown(base, "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
     subprocess.run(run_as + [initdb, "-D", str(data), "-U", "pf", "--auth=trust", "-E", "UTF8"],
                    check=True, capture_output=True)
-    subprocess.run(run_as + [pg_ctl, "-D", str(data), "-w", "-l", str(data.parent / "log"),
-                             "-o", f"-h 127.0.0.1 -p {port} -k {data.parent}", "start"], check=True, capture_output=True)
+    server = PgServer(data, _free_port(), run_as)
     try:
-        url = f"postgresql+psycopg2://pf@127.0.0.1:{port}/postgres"
-        engine = create_engine(url)
-        for _ in range(50):
-            try:
-                with engine.connect():
-                    break
-            except Exception:
-                time.sleep(0.2)
-        engine.dispose()
-        yield url
+        server.start()
+        yield server
     finally:
-        subprocess.run(run_as + [pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url(pg_server) -> str:
+    return pg_server.url
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """The distributed deployment on one machine, end to end: `pruneflow airflow up --executor celery` in a
 tmp home starts Redis, PostgreSQL, the servers on CeleryExecutor, a training worker (queue default) and
-a torch-free benchmark worker (queue bench_cpu0, .venv-bench), with the artifacts in a real object store
-(SeaweedFS); a rapid trial triggered by REST runs its training stages on the first and its benchmark on
-the second, each in its own scratch folder, the files travelling only through the store; secrets stay private; a sweep survives
-a restart of redis-server; the benchmark worker killed with SIGKILL during a benchmark costs a retry,
-not the trial; `down` leaves nothing.
+two torch-free benchmark workers (devices cpu0 and cpu1: queues bench_cpu0 and bench_cpu1, .venv-bench),
+with the artifacts in a real object store (SeaweedFS); a rapid trial triggered by REST runs its training
+stages on the first and its benchmark on the second, each in its own scratch folder, the files travelling
+only through the store; secrets stay private; the two devices measure at the same time, each one
+benchmark at a time; a sweep survives a restart of redis-server; a results DB whose PostgreSQL server is
+down when record runs costs a retry; the benchmark worker killed with SIGKILL during a benchmark costs a
+retry, not the trial; `down` leaves nothing.
 
 The tests of this module run in order and share one deployment.
 """
@@ -17,13 +19,16 @@ import signal
 import stat
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 from airflow_servers import DAG_ID, REPO, AirflowServers, free_port
+from pg_server import PgServer, pg_server  # noqa: F401
 from s3_server import s3_store  # noqa: F401
+from sqlalchemy import create_engine, text
 
 from pruneflow import airflow_cli, services
 from pruneflow.artifacts import ArtifactStore
@@ -39,17 +44,25 @@ TRIAL_TIMEOUT = 420
 HEARTBEAT_TIMEOUT = 20
 
 
+FAULTS_DB = "faults"
+
+
 @pytest.fixture(scope="module")
-def celery(s3_store) -> AirflowServers:  # noqa: F811
+def celery(s3_store, pg_server: PgServer) -> AirflowServers:  # noqa: F811
     if not (BENCH_VENV / "bin" / "python").is_file():
         pytest.fail(f"{BENCH_VENV} is missing: `make bench-env` (a dependency of `make test`)")
     # Not under pytest's tmp folder (mode 0700): as root, PostgreSQL runs as the postgres user, who must
     # be able to enter every parent of its data folder.
     root = Path(tempfile.mkdtemp(prefix="pruneflow-celery-"))
     root.chmod(0o711)
+    # A second results DB the deployment allows, on a server of its own that a test restarts.
+    admin = create_engine(pg_server.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {FAULTS_DB}"))
+    admin.dispose()
     # Artifacts through the object store: the workers share no trial folder (each has its own scratch).
-    s = AirflowServers(root=root, port=free_port(), executor="celery",
-                       extra_env={"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+    s = AirflowServers(root=root, port=free_port(), executor="celery", devices="cpu0,cpu1",
+                       extra_env={"PRUNEFLOW_ALLOWED_DBS": _faults_url(pg_server),"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
                                   "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
                                   "PRUNEFLOW_ARTIFACTS": f"s3://{s3_store.bucket}/celery-{time.time_ns()}",
                                   **s3_store.env()})
@@ -59,6 +72,10 @@ def celery(s3_store) -> AirflowServers:  # noqa: F811
     left = s.processes() + services.Services(s.home).processes()
     assert not left, f"processes left after `pruneflow airflow down`: {left}"
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _faults_url(pg: PgServer) -> str:
+    return pg.url.rsplit("/", 1)[0] + "/" + FAULTS_DB
 
 
 def _svc(s: AirflowServers) -> services.Services:
@@ -86,7 +103,8 @@ def _tis(client: httpx.Client, run_id: str) -> dict[str, dict]:
 
 def _failure(s: AirflowServers, client: httpx.Client, run_id: str) -> str:
     tis = _tis(client, run_id)
-    logs = {name: _log_tail(s, name) for name in ("scheduler", "worker-default", "worker-bench_cpu0")}
+    logs = {name: _log_tail(s, name) for name in ("scheduler", "worker-default", "worker-bench_cpu0",
+                                                  "worker-bench_cpu1")}
     return f"{run_id}: {({t: ti['state'] for t, ti in tis.items()})}\n" + "\n".join(
         f"--- {k}\n{v}" for k, v in logs.items())
 
@@ -102,13 +120,15 @@ def test_up_starts_every_service_and_status_lists_queues_and_envs(celery: Airflo
     home = airflow_cli.Home(celery.home)
     assert home.executor() == "celery"
     assert set(airflow_cli.running(home)) == set(airflow_cli.components(home))
-    assert {"worker-default", "worker-bench_cpu0"} <= set(airflow_cli.components(home))
+    assert {"worker-default", "worker-bench_cpu0", "worker-bench_cpu1"} <= set(airflow_cli.components(home))
     svc = _svc(celery)
     assert svc.pid("redis") and svc.pid("postgres")
     proc = celery.pruneflow("status")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
-    assert "queue bench_cpu0" in lines["worker-bench_cpu0"] and str(BENCH_VENV) in lines["worker-bench_cpu0"]
+    for device in ("cpu0", "cpu1"):
+        assert f"queue bench_{device}" in lines[f"worker-bench_{device}"]
+        assert str(BENCH_VENV) in lines[f"worker-bench_{device}"]
     assert "queue default" in lines["worker-default"]
     assert "running" in lines["redis"] and "running" in lines["postgres"]
 
@@ -163,8 +183,10 @@ def test_trial_trains_on_the_default_queue_and_benchmarks_in_the_torch_free_work
         run = s.wait_for_run(client, run_id, timeout=TRIAL_TIMEOUT)
         assert run["state"] == "success", _failure(s, client, run_id)
         tis = _tis(client, run_id)
-    assert tis["benchmark"]["queue"] == "bench_cpu0" and tis["benchmark"]["pool"] == "bench_cpu0"
-    assert {tis[t]["queue"] for t in ("prune", "thinnify", "retrain", "export", "record")} == {"default"}
+    assert tis["benchmark_cpu0"]["queue"] == "bench_cpu0" and tis["benchmark_cpu0"]["pool"] == "bench_cpu0"
+    assert tis["benchmark_cpu1"]["state"] == "skipped"  # the default target is the first device
+    assert {tis[t]["queue"] for t in ("prune", "thinnify", "retrain", "export", "route_benchmark", "record")} == {
+        "default"}
     row = _results(s).get_trial("celery-1")
     assert row is not None and row["status"] == "succeeded", row
     assert row["bench_queue"] == "bench_cpu0"
@@ -180,6 +202,38 @@ def test_trial_trains_on_the_default_queue_and_benchmarks_in_the_torch_free_work
     worker = json.loads(store.fs.cat_file(f"{store.root}/celery-1/latency.json"))["worker"]
     assert worker["queue"] == "bench_cpu0" and Path(worker["env"]).resolve() == BENCH_VENV.resolve(), worker
     assert "latency.json" in store.manifest("celery-1")
+
+
+def _interval(ti: dict) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(ti["start_date"]), datetime.fromisoformat(ti["end_date"])
+
+
+def test_two_devices_measure_at_once_and_each_device_one_benchmark_at_a_time(celery: AirflowServers):
+    """Four trials, two per target (benchmark.target): each benchmark runs on its device's queue; the two
+    devices' benchmarks overlap in time, the two of one device never do (intervals from the task records)."""
+    s = celery
+    # several seconds of timed calls each, so that the two devices' benchmarks meet
+    confs = [{**RAPID, "trial_id": f"two-dev-{i}", "name": f"two-dev-{i}", "bench_target": f"cpu{i % 2}",
+              "sparsities": {"layer3": 0.25 * (1 + i % 2)}, "rounds": 3, "iterations": 15000} for i in range(4)]
+    with s.client() as client:
+        run_ids = [_trigger(s, client, conf) for conf in confs]
+        for run_id in run_ids:
+            run = s.wait_for_run(client, run_id, timeout=TRIAL_TIMEOUT)
+            assert run["state"] == "success", _failure(s, client, run_id)
+        tis = [_tis(client, run_id) for run_id in run_ids]
+    by_device: dict[str, list[tuple[datetime, datetime]]] = {"cpu0": [], "cpu1": []}
+    for conf, ti in zip(confs, tis, strict=True):
+        device = conf["bench_target"]
+        other = "cpu1" if device == "cpu0" else "cpu0"
+        bench = ti[f"benchmark_{device}"]
+        assert (bench["queue"], bench["pool"], ti[f"benchmark_{other}"]["state"]) == (
+            f"bench_{device}", f"bench_{device}", "skipped")
+        assert _results(s).get_trial(conf["trial_id"])["bench_queue"] == f"bench_{device}"
+        by_device[device].append(_interval(bench))
+    for device, ((a0, a1), (b0, b1)) in ((d, sorted(v)) for d, v in by_device.items()):
+        assert a1 <= b0, f"two benchmarks on {device} overlapped: {a0}..{a1} and {b0}..{b1}"
+    assert any(x0 < y1 and y0 < x1 for x0, x1 in by_device["cpu0"] for y0, y1 in by_device["cpu1"]), \
+        f"the two devices never measured at the same time: {by_device}"
 
 
 SPACE = [{"name": "layer1", "patterns": ["layer1.*.conv1"], "low": 0.0, "high": 0.8, "step": 0.2},
@@ -236,6 +290,42 @@ def test_a_sweep_survives_a_redis_restart(celery: AirflowServers):
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
 
 
+def test_results_db_down_when_record_runs_costs_a_retry(celery: AirflowServers, pg_server: PgServer):  # noqa: F811
+    """The trial's results DB (one the deployment allows, on a PostgreSQL server of its own) stops while the
+    trial measures and starts again once record has failed against it: record is retried and the trial is
+    recorded once, whole."""
+    s = celery
+    trial = "pg-restart"
+    conf = {**RAPID, "trial_id": trial, "name": trial, "db": _faults_url(pg_server), "sparsities": {"layer2": 0.25},
+            "rounds": 3, "iterations": 5000}
+    with s.client() as client:
+        run_id = _trigger(s, client, conf)
+        deadline = time.monotonic() + TRIAL_TIMEOUT
+        while _tis(client, run_id)["benchmark_cpu0"]["state"] != "running":
+            assert time.monotonic() < deadline, _failure(s, client, run_id)
+            time.sleep(0.2)
+        pg_server.stop()
+        try:
+            while (record := _tis(client, run_id)["record"])["state"] != "up_for_retry":
+                assert record["state"] not in ("success", "failed"), _failure(s, client, run_id)
+                assert time.monotonic() < deadline, _failure(s, client, run_id)
+                time.sleep(0.2)
+        finally:
+            pg_server.start()
+        run = s.wait_for_run(client, run_id, timeout=TRIAL_TIMEOUT)
+        assert run["state"] == "success", _failure(s, client, run_id)
+        record = _tis(client, run_id)["record"]
+    assert record["try_number"] == 2, record
+    store = ResultsStore(_faults_url(pg_server))
+    try:
+        assert [r["trial_id"] for r in store.list_trials()] == [trial]
+        row = store.get_trial(trial)
+        assert row["status"] == "succeeded" and row["latency_median_ms"] > 0, row
+        assert len(store.benchmarks(trial)) == 1
+    finally:
+        store.close()
+
+
 def s3_store_options(s: AirflowServers) -> dict:
     env = s.extra_env
     return {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
@@ -261,7 +351,7 @@ def test_benchmark_worker_killed_mid_benchmark_costs_a_retry_not_the_trial(celer
         deadline = time.monotonic() + TRIAL_TIMEOUT
         while True:  # until the benchmark's task process runs under the worker
             tree = _bench_worker_tree(s)
-            if _tis(client, run_id)["benchmark"]["state"] == "running" and len(tree) >= 3:
+            if _tis(client, run_id)["benchmark_cpu0"]["state"] == "running" and len(tree) >= 3:
                 break
             assert time.monotonic() < deadline, _failure(s, client, run_id)
             assert s.wait_for_run(client, run_id, timeout=0)["state"] not in ("success", "failed"), \
@@ -275,7 +365,7 @@ def test_benchmark_worker_killed_mid_benchmark_costs_a_retry_not_the_trial(celer
         assert proc.returncode == 0, proc.stdout + proc.stderr
         run = s.wait_for_run(client, run_id, timeout=TRIAL_TIMEOUT)
         assert run["state"] == "success", _failure(s, client, run_id)
-        bench = _tis(client, run_id)["benchmark"]
+        bench = _tis(client, run_id)["benchmark_cpu0"]
     assert bench["try_number"] >= 2, bench
     store = _results(s)
     assert [r["trial_id"] for r in store.list_trials() if r["trial_id"] == "celery-kill"] == ["celery-kill"]

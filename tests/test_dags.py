@@ -271,6 +271,43 @@ def test_abandoned_trial_skips_export_and_benchmark_and_is_recorded(dag, trial_r
     assert row["latency_median_ms"] is None and _store().benchmarks("gave-up") == []
 
 
+def test_several_benchmark_targets_branch_to_the_trials_own(dag, trial_run, monkeypatch):
+    """[pruneflow] devices names two targets: one benchmark task per target on its queue and pool, behind
+    route_benchmark, which follows the trial's benchmark.target; a target or a device the deployment has
+    no worker for is refused in validate, before anything is trained."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.pool import Pool
+
+    monkeypatch.setenv("AIRFLOW__PRUNEFLOW__DEVICES", "cpu0,cpu1")
+    monkeypatch.setenv("AIRFLOW__PRUNEFLOW__BENCHMARK_QUEUE", "bench_cpu0")
+    monkeypatch.setenv("AIRFLOW__PRUNEFLOW__BENCHMARK_POOL", "bench_cpu0")
+    for pool in ("bench_cpu0", "bench_cpu1"):
+        Pool.create_or_update_pool(pool, 1, "one benchmark at a time", include_deferred=False)
+    routed = DagBag(dag_folder=str(airflow_env.DAGS / "prune_trial.py")).dags["prune_trial"]
+    assert routed.task_dict["export"].downstream_task_ids == {"route_benchmark"}
+    assert routed.task_dict["route_benchmark"].downstream_task_ids == {"benchmark_cpu0", "benchmark_cpu1"}
+    assert {t: (routed.task_dict[t].queue, routed.task_dict[t].pool, routed.task_dict[t].pool_slots)
+            for t in ("benchmark_cpu0", "benchmark_cpu1")} == {
+        "benchmark_cpu0": ("bench_cpu0", "bench_cpu0", 1), "benchmark_cpu1": ("bench_cpu1", "bench_cpu1", 1)}
+
+    dr = routed.test(run_conf={**FAST, "trial_id": "on-cpu1", "bench_target": "cpu1"})
+    states = _states(dr)
+    assert str(dr.state) in ("success", "DagRunState.SUCCESS"), states
+    assert (states["route_benchmark"], states["benchmark_cpu1"], states["benchmark_cpu0"], states["record"]) == (
+        "success", "success", "skipped", "success")
+    assert _store().get_trial("on-cpu1")["bench_queue"] == "bench_cpu1"
+
+    for trial_id, conf, message in (
+            ("no-cpu9", {"bench_target": "cpu9"}, "benchmark.target: 'cpu9' is not a benchmark target of this "
+                                                   "deployment (allowed: cpu0, cpu1"),
+            ("no-ncs2", {"device": "MYRIAD", "precision": "f16"}, "add ncs2 to [pruneflow] devices")):
+        dr = DagBag(dag_folder=str(airflow_env.DAGS / "prune_trial.py")).dags["prune_trial"].test(
+            run_conf={**FAST, "trial_id": trial_id, **conf})
+        assert _states(dr)["validate"] == "failed" and _states(dr)["prune"] == "upstream_failed"
+        row = _store().get_trial(trial_id)
+        assert row["status"] == "failed" and message in row["reason"], row["reason"]
+
+
 def test_preload_imports_what_it_can_and_skips_the_rest(af_env):
     """The preloading executor's worker start: a module that cannot be imported is skipped (the task
     imports it again and fails with the real error), the others are imported."""

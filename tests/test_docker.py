@@ -26,7 +26,8 @@ import yaml
 from pruneflow import airflow_cli, services
 from pruneflow.bench import ov_api
 from pruneflow.bench.backends import _build_config
-from pruneflow.bench.settings import BenchmarkOptions, benchmark_queue, device_names
+from pruneflow.bench.settings import BenchmarkOptions, device_names
+from pruneflow.bench_targets import bench_targets, route
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -527,10 +528,11 @@ def test_myriad_is_a_spec_device_routed_to_the_ncs2_queue():
         BenchmarkOptions(device="MYRIAD", precision="f16", backend="onnxruntime")
     assert device_names("AUTO:MYRIAD,CPU") == ["MYRIAD", "CPU"] and device_names("GPU.1") == ["GPU"]
     assert device_names("AUTO:-CPU") == []
-    assert benchmark_queue("MYRIAD", "bench_cpu0") == "bench_ncs2"
-    assert benchmark_queue("HETERO:MYRIAD,CPU", "bench_cpu0") == "bench_ncs2"
-    assert benchmark_queue("CPU", "bench_cpu0") == "bench_cpu0"
-    assert benchmark_queue("GPU.0", "bench_gpu0") == "bench_gpu0"
+    compose_targets = bench_targets(_compose()["x-airflow-env"]["AIRFLOW__PRUNEFLOW__DEVICES"], "bench_cpu0", "")
+    assert route("MYRIAD", None, compose_targets).queue == "bench_ncs2"
+    assert route("HETERO:MYRIAD,CPU", None, compose_targets).queue == "bench_ncs2"
+    assert route("CPU", None, compose_targets).queue == "bench_cpu0"
+    assert route("GPU.0", "gpu0", compose_targets).queue == "bench_gpu0"
     # the queue exists in the deployment: the compose NCS2 worker serves it
     ncs2 = _compose()["services"]["bench-ncs2"]
     assert ncs2["environment"]["QUEUE"] == "bench_ncs2" and "bench_ncs2" in ncs2["command"]

@@ -10,7 +10,7 @@ import threading
 from datetime import datetime
 
 import pytest
-from pg_server import pg_database, postgres_url  # noqa: F401
+from pg_server import pg_database, pg_server, postgres_url  # noqa: F401
 from sqlalchemy import (
     BigInteger,
     Float,

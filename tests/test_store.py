@@ -4,7 +4,7 @@ import threading
 import time
 
 import pytest
-from pg_server import pg_database, postgres_url  # noqa: F401
+from pg_server import pg_database, pg_server, postgres_url  # noqa: F401
 
 from pruneflow.store import ResultsStore
 

@@ -8,7 +8,7 @@ import math
 
 import optuna
 import pytest
-from pg_server import pg_database, postgres_url  # noqa: F401  (the PostgreSQL fixtures)
+from pg_server import pg_database, pg_server, postgres_url  # noqa: F401  (the PostgreSQL fixtures)
 
 from pruneflow import analysis
 from pruneflow.spec import parse_spec

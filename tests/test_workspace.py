@@ -2,19 +2,24 @@
 loopback): its stages run as on three hosts that share no disk — training, benchmark, record — each
 with its own scratch folder and cache, exchanging files only through the store; the benchmark host
 downloads only the model, the reference batch and epochs.json. An unreachable store fails the trial
-with the URL named."""
+with the URL named; a store that becomes unreachable in the middle of a stage's upload (the connection cut
+by a TCP relay in front of the real server) fails it too, and the manifest names only what was stored."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from airflow_servers import free_port
 from s3_server import s3_store  # noqa: F401
 
 from pruneflow import settings, stages
-from pruneflow.artifacts import ArtifactStore
+from pruneflow.artifacts import ArtifactStore, sha256_file
 from pruneflow.spec import parse_spec
 from pruneflow.store import ResultsStore
 from pruneflow.workspace import stage_workspace
@@ -85,3 +90,81 @@ def test_an_unreachable_store_fails_the_trial_naming_the_url(store_env, spec_dic
     row = ResultsStore(spec_dict["db"]).get_trial("ws-trial")
     assert row["status"] == "failed"
     assert f"{store_env}/ws-trial/manifest.json failed after 4 attempts" in row["reason"], row["reason"]
+
+
+class CuttingRelay:
+    """A TCP relay on loopback in front of the object store that, once a request line with ``PUT`` and
+    ``marker`` passes, drops every connection and stops listening: the store becomes unreachable in the
+    middle of an upload."""
+
+    def __init__(self, target: tuple[str, int], marker: bytes):
+        self.target, self.marker = target, marker
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.cut.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if requests and b"PUT " in data and self.marker in data:
+                    self.close()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.cut.set()
+        self.listener.close()
+        for sock in self.conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_a_store_lost_in_the_middle_of_an_upload_fails_the_trial_and_stores_no_half(
+        store_env, spec_dict, tmp_path, monkeypatch, s3_store):  # noqa: F811
+    endpoint = urlsplit(s3_store.endpoint)
+    relay = CuttingRelay((endpoint.hostname, endpoint.port), b"/ws-trial/model.bin")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{relay.port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    spec = _on_host(monkeypatch, tmp_path, "train", spec_dict)
+    try:
+        with pytest.raises(stages.TrialFailed) as info:
+            stages.run_trial(spec)
+    finally:
+        relay.close()
+    assert relay.cut.is_set() and info.value.stage == "export"
+    row = ResultsStore(spec_dict["db"]).get_trial("ws-trial")
+    assert row["status"] == "failed"
+    assert f"{store_env}/ws-trial/model.bin failed after 4 attempts" in row["reason"], row["reason"]
+
+    # the manifest names the earlier stages' files, each stored whole, and nothing of the failed upload
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_store.endpoint)
+    store = ArtifactStore(store_env)
+    manifest = store.manifest("ws-trial")
+    assert {"plan.json", "thinned.pt"} <= set(manifest) and "model.bin" not in manifest
+    assert not {"model.xml", "model.onnx", "reference.npz", "parity.json"} & set(manifest)
+    fetched = store.fetch("ws-trial", sorted(manifest), tmp_path / "check-cache")
+    assert {n: sha256_file(p) for n, p in fetched.items()} == {n: e["sha256"] for n, e in manifest.items()}
+
+    # with the store back, export runs again and stores everything
+    with stage_workspace(spec, ("export",)):
+        stages.export(spec)
+    assert {"model.bin", "model.xml", "reference.npz"} <= set(store.manifest("ws-trial"))

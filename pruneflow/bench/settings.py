@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["DEVICE_PATTERN", "LEGACY_DEVICE_QUEUES", "BenchmarkOptions", "benchmark_queue", "device_names"]
+__all__ = ["DEVICE_PATTERN", "LEGACY_DEVICE_QUEUES", "BenchmarkOptions", "device_names"]
 
 # One device name: upper-case identifier with an optional ".N" index (CPU, GPU, GPU.0, NPU).
 _NAME = r"[A-Z][A-Z0-9_]*(?:\.[0-9]+)?"
@@ -16,7 +16,7 @@ _NAME = r"[A-Z][A-Z0-9_]*(?:\.[0-9]+)?"
 _VIRTUAL = r"(?:AUTO|HETERO|MULTI|BATCH)"
 DEVICE_PATTERN = re.compile(rf"^(?:{_VIRTUAL}:-?{_NAME}(?:,-?{_NAME})*|{_NAME})$")
 #: Devices only a legacy benchmark worker can drive, and that worker's Celery queue: MYRIAD (the Neural Compute
-#: Stick 2) needs OpenVINO 2022.3 LTS on Python 3.10 (docker/Dockerfile.ncs2).
+#: Stick 2) needs OpenVINO 2022.3 LTS on Python 3.10 (docker/Dockerfile.ncs2); pruneflow.bench_targets routes to it.
 LEGACY_DEVICE_QUEUES = {"MYRIAD": "bench_ncs2"}
 #: Devices that compute in f16 whatever is asked: the output check must use f16's tolerance.
 F16_ONLY_DEVICES = ("MYRIAD",)
@@ -28,16 +28,6 @@ def device_names(device: str) -> list[str]:
     base, sep, targets = device.partition(":")
     names = [t for t in targets.split(",") if t and not t.startswith("-")] if sep else [base]
     return [n.split(".", 1)[0] for n in names]
-
-
-def benchmark_queue(device: str, configured: str) -> str:
-    """The Celery queue of a benchmark on ``device``: the legacy worker's queue when the device string uses a
-    legacy device (MYRIAD, also behind AUTO/HETERO/MULTI -> bench_ncs2), otherwise ``configured`` (the
-    deployment's ``[pruneflow] benchmark_queue``). Pure: no Airflow, no OpenVINO."""
-    for name in device_names(device):
-        if name in LEGACY_DEVICE_QUEUES:
-            return LEGACY_DEVICE_QUEUES[name]
-    return configured
 
 
 class BenchmarkOptions(BaseModel):
