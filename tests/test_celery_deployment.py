@@ -165,7 +165,7 @@ def test_access_needs_the_generated_secrets(celery: AirflowServers):
     with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
         psycopg2.connect(host=services.HOST, port=ports["postgres"], user=services.PG_USER, dbname="pruneflow",
                          password="wrong-" + sec["postgres_password"], connect_timeout=10)
-    # No secret in any log of the deployment, nor in the repository's tracked files.
+    # No secret in any log so far (the last test of the module checks logs, tracked files and DB rows again).
     logs = [p for p in celery.home.rglob("*.log") if p.is_file()]
     assert logs
     for value in (sec["redis_password"], sec["postgres_password"], sec["jwt_secret"]):
@@ -371,3 +371,33 @@ def test_benchmark_worker_killed_mid_benchmark_costs_a_retry_not_the_trial(celer
     assert [r["trial_id"] for r in store.list_trials() if r["trial_id"] == "celery-kill"] == ["celery-kill"]
     assert store.get_trial("celery-kill")["status"] == "succeeded"
     assert len(store.benchmarks("celery-kill")) == 1
+
+
+def test_no_secret_in_a_log_a_tracked_file_or_a_database_row(celery: AirflowServers):
+    """After every trial and sweep of this module: the generated secrets and the object store's key appear
+    in no log of the deployment, no file the repository tracks, and no row of the results or metadata DB."""
+    import subprocess
+
+    from sqlalchemy import MetaData
+
+    s = celery
+    sec = _svc(s).secrets()
+    values = [sec[k] for k in services.SECRET_KEYS] + [s.extra_env["AWS_SECRET_ACCESS_KEY"]]
+    texts = {str(p): p.read_text(errors="replace") for p in s.home.rglob("*.log") if p.is_file()}
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    texts.update({name: (REPO / name).read_text(errors="replace") for name in tracked.stdout.split("\0")
+                  if name and (REPO / name).is_file()})
+    results = _results(s)
+    for db in (services.RESULTS_DB, "airflow"):
+        engine = create_engine(results.engine.url.set(database=db))
+        meta = MetaData()
+        meta.reflect(engine)
+        with engine.connect() as conn:
+            for table in meta.sorted_tables:
+                texts[f"{db}.{table.name}"] = "\n".join(repr(tuple(row)) for row in conn.execute(table.select()))
+        engine.dispose()
+    assert any(k.startswith("airflow.dag_run") for k in texts) and any("pf_trials" in k for k in texts)
+    for value in values:
+        assert len(value) >= 16
+        for where, text_ in texts.items():
+            assert value not in text_, f"a secret is in {where}"
