@@ -5,15 +5,21 @@ Not part of the library and never run by CI. Everything is written under out/ben
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out" / "bench"
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+#: The rapid sweeps' space: the conv1 sparsities of ResNet-20's three stages
+SWEEP_SPACE = [{"name": f"layer{i}", "patterns": [f"layer{i}.*.conv1"], "low": 0.0, "high": 0.9, "step": 0.05}
+               for i in (1, 2, 3)]
 
 if str(REPO) not in sys.path:  # run as `python benchmarks/NAME.py` from a checkout without an install
     sys.path.insert(0, str(REPO))
@@ -103,3 +109,25 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align_left: 
 
     return format_cells(headers, [[str(c) for c in r] for r in rows],
                         ["left" if i < align_left else "right" for i in range(len(headers))])
+
+
+def say(msg: str) -> None:
+    """Progress on stderr, with the time (stdout is the table)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sweep_args(doc: str, trials: int, argv: Sequence[str]) -> argparse.Namespace:
+    """The options of the sweep benchmarks: --trials, --parallel, --timeout, --write, --keep."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=trials)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--write", action="store_true", help="append the output to benchmarks/RESULTS.md")
+    ap.add_argument("--keep", action="store_true", help="keep the deployments' folders (logs) under out/bench/")
+    return ap.parse_args(list(argv))
+
+
+def append_results(title: str, text: str) -> None:
+    """Append one run's output to benchmarks/RESULTS.md under ``## title``."""
+    with RESULTS.open("a") as fh:
+        fh.write(f"\n## {title}\n\n```\n{text}\n```\n")

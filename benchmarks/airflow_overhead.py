@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import OUT, REPO, ensure_baseline, load_avg, machine_header, table  # noqa: E402
+from _common import OUT, REPO, RESULTS, ensure_baseline, load_avg, machine_header, table  # noqa: E402
 
 DAG_ID = "prune_trial"
 TASKS = ["validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "benchmark", "record"]
@@ -58,7 +58,6 @@ INPROC = {"validate": (), "ensure_baseline": (), "prune": ("prepare", "prune"), 
           "retrain": ("retrain",), "export": ("export",), "benchmark": ("benchmark",), "record": ("record",)}
 RESEARCH_PER_HOUR = 90
 TARGET_PER_HOUR = 270
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 
 
 def cpu_busy_s() -> float:

@@ -21,7 +21,6 @@ trials/hour (what isolation costs). The ratio of the spreads is the point.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -32,11 +31,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import OUT, REPO, ensure_baseline, load_avg, machine_header, table  # noqa: E402
-from airflow_overhead import RESULTS, Servers, ts  # noqa: E402
+from _common import (  # noqa: E402
+    OUT,
+    REPO,
+    SWEEP_SPACE,
+    append_results,
+    ensure_baseline,
+    load_avg,
+    machine_header,
+    say,
+    sweep_args,
+    table,
+)
+from airflow_overhead import Servers, ts  # noqa: E402
 
-SPACE = [{"name": f"layer{i}", "patterns": [f"layer{i}.*.conv1"], "low": 0.0, "high": 0.9, "step": 0.05}
-         for i in (1, 2, 3)]
 BENCH = {"rounds": 5, "iterations": 200, "warmup": 50, "threads": 1}
 PROBE = {"name": "probe", "epochs": 0, "sparsities": {"layer1": 0.5, "layer2": 0.5, "layer3": 0.5}, **BENCH}
 #: (label, [pruneflow] overrides); a pool of one slot for (a)'s benchmarks is created after `up`
@@ -59,7 +67,7 @@ def run_mode(root: Path, baseline: Path, overrides: dict[str, str], n: int, para
             srv.unpause(c, "prune_trial", "prune_sweep")
             time.sleep(5)  # let start-up work (first parse, serialization) settle
             conf = {"study": "isolation", "objective": "pareto", "sampler": "random", "n_trials": n,
-                    "parallel": parallel, "seed": 0, "space": SPACE, "report": False,
+                    "parallel": parallel, "seed": 0, "space": SWEEP_SPACE, "report": False,
                     "trial": {"baseline": str(baseline), "epochs": 0, **BENCH}}
             load0, t0 = load_avg(), time.time()
             r = c.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": conf})
@@ -136,20 +144,10 @@ def report(args, header: str, results: list[tuple[str, dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--keep", action="store_true")
     argv = sys.argv[1:] if argv is None else argv
-    args = ap.parse_args(argv)
+    args = sweep_args(__doc__, 16, argv)
     root = OUT / "bench_isolation"
     shutil.rmtree(root, ignore_errors=True)
-
-    def say(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
     baseline = ensure_baseline(progress=say)
     header = machine_header("bench_isolation: one model re-measured during a sweep, without and with the CPU pool",
                             argv)
@@ -161,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(args, header, results)
     print(text)
     if args.write:
-        with RESULTS.open("a") as fh:
-            fh.write("\n## Benchmark isolation: one model re-measured during a sweep\n\n```\n" + text + "\n```\n")
+        append_results("Benchmark isolation: one model re-measured during a sweep", text)
     (OUT / "bench_isolation.json").write_text(json.dumps(dict(results), indent=2, default=str))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -22,7 +22,6 @@ queued -> start) and run time; per trial through the store, the bytes and second
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -36,11 +35,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _common import OUT, REPO, ensure_baseline, load_avg, machine_header, table  # noqa: E402
-from airflow_overhead import RESULTS, Servers, ts  # noqa: E402
+from _common import (  # noqa: E402
+    OUT,
+    REPO,
+    SWEEP_SPACE,
+    append_results,
+    ensure_baseline,
+    load_avg,
+    machine_header,
+    say,
+    sweep_args,
+    table,
+)
+from airflow_overhead import Servers, ts  # noqa: E402
 
-SPACE = [{"name": f"layer{i}", "patterns": [f"layer{i}.*.conv1"], "low": 0.0, "high": 0.9, "step": 0.05}
-         for i in (1, 2, 3)]
 BENCH = {"rounds": 3, "iterations": 60, "warmup": 20, "threads": 1}
 STAGES = ("validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "benchmark", "benchmark_cpu0",
           "record")
@@ -70,7 +78,7 @@ def run_sweep(srv: Servers, baseline: Path, n: int, parallel: int, say, timeout:
             srv.unpause(c, "prune_trial", "prune_sweep")
             time.sleep(5)  # let start-up work (first parse, serialization) settle
             conf = {"study": f"scaleout-{srv.executor}", "objective": "pareto", "sampler": "random", "n_trials": n,
-                    "parallel": parallel, "seed": 0, "space": SPACE, "report": False,
+                    "parallel": parallel, "seed": 0, "space": SWEEP_SPACE, "report": False,
                     "trial": {"baseline": str(baseline), "epochs": 0, **BENCH}}
             load0, t0 = load_avg(), time.time()
             r = c.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": conf})
@@ -128,23 +136,13 @@ def report(args, header: str, local: dict, celery: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--keep", action="store_true")
     argv = sys.argv[1:] if argv is None else argv
-    args = ap.parse_args(argv)
+    args = sweep_args(__doc__, 12, argv)
     from s3_server import seaweedfs
 
     # As root, PostgreSQL runs as the postgres user, who must be able to enter every parent of its folder.
     root = Path(tempfile.mkdtemp(prefix="pruneflow-scaleout-"))
     root.chmod(0o711)
-
-    def say(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
     baseline = ensure_baseline(progress=say)
     header = machine_header("scaleout: one rapid sweep under LocalExecutor and under CeleryExecutor", argv)
     try:
@@ -159,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(args, header, local, celery)
     print(text)
     if args.write:
-        with RESULTS.open("a") as fh:
-            fh.write("\n## Scale-out: LocalExecutor against CeleryExecutor, one run\n\n```\n" + text + "\n```\n")
+        append_results("Scale-out: LocalExecutor against CeleryExecutor, one run", text)
     (OUT / "scaleout.json").write_text(json.dumps({"local": local, "celery": celery}, indent=2, default=str))
     return 0
 

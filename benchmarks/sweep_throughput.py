@@ -20,7 +20,6 @@ phase (/proc/stat idle + iowait over all ticks: what the run left unused of the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,11 +33,20 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import OUT, REPO, ensure_baseline, load_avg, machine_header, table  # noqa: E402
-from airflow_overhead import RESULTS, Servers, ts  # noqa: E402
+from _common import (  # noqa: E402
+    OUT,
+    REPO,
+    SWEEP_SPACE,
+    append_results,
+    ensure_baseline,
+    load_avg,
+    machine_header,
+    say,
+    sweep_args,
+    table,
+)
+from airflow_overhead import Servers, ts  # noqa: E402
 
-SPACE = [{"name": f"layer{i}", "patterns": [f"layer{i}.*.conv1"], "low": 0.0, "high": 0.9, "step": 0.05}
-         for i in (1, 2, 3)]
 BENCH = {"rounds": 3, "iterations": 60, "warmup": 20, "threads": 1}
 AIM_RATIO, AIM_PER_HOUR = 0.8, 600
 
@@ -57,7 +65,7 @@ def idle_share(t0: tuple[int, int], t1: tuple[int, int]) -> float:
 def run_inprocess(root: Path, baseline: Path, n: int, parallel: int, say) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     spec = {"study": "throughput", "objective": "pareto", "sampler": "tpe", "n_trials": n, "parallel": parallel,
-            "seed": 0, "space": SPACE,
+            "seed": 0, "space": SWEEP_SPACE,
             "base": {"baseline": {"checkpoint": str(baseline)}, "finetune": {"epochs": 0},
                      "benchmark": BENCH, "artifacts": str(root / "trials"), "db": f"sqlite:///{root / 'results.db'}"}}
     path = root / "sweep.yaml"
@@ -82,7 +90,7 @@ def run_airflow(root: Path, baseline: Path, n: int, parallel: int, say, timeout:
             srv.unpause(c, "prune_trial", "prune_sweep")
             time.sleep(5)  # let start-up work (first parse, serialization) settle
             conf = {"study": "throughput", "objective": "pareto", "sampler": "tpe", "n_trials": n,
-                    "parallel": parallel, "seed": 0, "space": SPACE, "report": False,
+                    "parallel": parallel, "seed": 0, "space": SWEEP_SPACE, "report": False,
                     "trial": {"baseline": str(baseline), "epochs": 0, **BENCH}}
             load0, ticks0, t0 = load_avg(), cpu_ticks(), time.time()
             r = c.post("/api/v2/dags/prune_sweep/dagRuns", json={"logical_date": None, "conf": conf})
@@ -137,20 +145,10 @@ def report(args, header: str, ip: dict, af: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=48)
-    ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--keep", action="store_true")
     argv = sys.argv[1:] if argv is None else argv
-    args = ap.parse_args(argv)
+    args = sweep_args(__doc__, 48, argv)
     root = OUT / "sweep_throughput"
     shutil.rmtree(root, ignore_errors=True)
-
-    def say(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
     baseline = ensure_baseline(progress=say)
     header = machine_header("sweep_throughput: one rapid sweep in-process and through Airflow", argv)
     ip = run_inprocess(root / "inprocess", baseline, args.trials, args.parallel, say)
@@ -158,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(args, header, ip, af)
     print(text)
     if args.write:
-        with RESULTS.open("a") as fh:
-            fh.write("\n## Sweep throughput: in-process against Airflow, one run\n\n```\n" + text + "\n```\n")
+        append_results("Sweep throughput: in-process against Airflow, one run", text)
     (OUT / "sweep_throughput.json").write_text(json.dumps({"inprocess": ip, "airflow": af}, indent=2, default=str))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -187,6 +187,13 @@ def check_devices(executor: str, bench_devices: tuple[str, ...] | None) -> None:
         raise AirflowCliError(f"--devices: {exc}".replace("[pruneflow] devices: ", "")) from None
 
 
+def _note_kept_devices(home: Home, bench_devices: tuple[str, ...] | None, say) -> None:
+    """--devices counts at the first init only: say so when an existing airflow.cfg names others."""
+    if bench_devices is not None and tuple(bench_devices) != tuple(devices(home)):
+        say(f"note: {home.cfg} keeps devices = {', '.join(devices(home))} (edit it, then `pruneflow airflow "
+            "down`, `init` and `up`)")
+
+
 def bench_python(home: Home) -> str:
     """`[pruneflow] bench_python`, else the repository's torch-free `.venv-bench`, else this interpreter."""
     configured = home.settings().get("pruneflow", "bench_python", fallback="").strip()
@@ -217,8 +224,8 @@ def components(home: Home) -> tuple[str, ...]:
 def _celery_sections(home: Home, svc: Services, devices: tuple[str, ...]) -> str:
     return f"""# Celery deployment (`pruneflow airflow up --executor celery`): the devices of this machine. Each gets
 # a benchmark worker on queue bench_<device> (concurrency 1) and a pool bench_<device> of one slot; a trial
-# picks one with benchmark.target (default: the first, on benchmark_queue). After adding one here,
-# `pruneflow airflow init` creates its pool and `up` starts its worker.
+# picks one with benchmark.target (default: the first, on benchmark_queue). After adding one here:
+# `pruneflow airflow down`, `init` (creates its pool), `up` (starts its worker; the DAG gets its task).
 devices = {", ".join(devices)}
 # Interpreter of the benchmark workers (`<it> -m airflow celery worker`). Empty: <repo>/.venv-bench/bin/python
 # when it exists (torch-free), else the main venv.
@@ -396,8 +403,7 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
     if home.cfg.is_file() and not force:
         if port is not None and home.host_port()[1] != port:
             say(f"keeping {home.cfg} (port {home.host_port()[1]}; use --force to re-render it with port {port})")
-        if bench_devices is not None and tuple(bench_devices) != tuple(devices(home)):
-            say(f"note: {home.cfg} keeps devices = {', '.join(devices(home))} (edit it, or init --force)")
+        _note_kept_devices(home, bench_devices, say)
     else:
         if force and running(home):
             raise AirflowCliError("the servers are running: `pruneflow airflow down` before `init --force`")
@@ -609,8 +615,7 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
     else:
         if port is not None and home.host_port()[1] != port:
             say(f"note: {home.cfg} uses port {home.host_port()[1]}, not {port} (init --force to change it)")
-        if bench_devices is not None and tuple(bench_devices) != tuple(devices(home)):
-            say(f"note: {home.cfg} keeps devices = {', '.join(devices(home))} (edit it and run init, or init --force)")
+        _note_kept_devices(home, bench_devices, say)
         if executor == "celery":
             try:
                 Services(home.path).start(say=say)

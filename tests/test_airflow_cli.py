@@ -4,6 +4,7 @@ stopped; processes of another home, or unmarked, are left alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pruneflow import airflow_cli
+from pruneflow import airflow_cli, services
 from pruneflow.airflow_cli import MARKER, Home
 
 SLEEP = "import time; time.sleep(120)"
@@ -155,3 +156,28 @@ def test_an_exited_unreaped_process_is_not_running(procs, tmp_path):
     proc = airflow_cli.Proc(p.pid, psutil.Process(p.pid).create_time())
     assert not proc.alive()
     assert airflow_cli.server_processes(home) == []
+
+
+def test_devices_are_rendered_at_init_and_bad_ones_refused(tmp_path):
+    """`--devices` (celery, first init): one worker and pool per device, the first the default target;
+    refused for the local executor, empty, or with a name that is not a device name."""
+    home = Home(tmp_path / "home")
+    home.path.mkdir()
+    # what `init` has made before it renders (dummy secrets and ports)
+    (home.path / services.SECRETS_FILE).write_text(json.dumps({k: f"secret-{k}" for k in services.SECRET_KEYS}))
+    (home.path / "services.json").write_text(json.dumps({"redis": 6379, "postgres": 5432}))
+    home.cfg.write_text(airflow_cli.render_config(home, 8080, "127.0.0.1", "celery", ("cpu1", "cpu0")))
+    assert airflow_cli.devices(home) == ["cpu1", "cpu0"]
+    settings = home.settings()
+    assert settings.get("pruneflow", "benchmark_queue") == settings.get("pruneflow", "benchmark_pool") == "bench_cpu1"
+    assert [(w.queue, w.concurrency) for w in airflow_cli.workers(home)][1:] == [("bench_cpu1", 1), ("bench_cpu0", 1)]
+    said: list[str] = []
+    airflow_cli._note_kept_devices(home, ("cpu0",), said.append)
+    airflow_cli._note_kept_devices(home, ("cpu1", "cpu0"), said.append)
+    assert len(said) == 1 and "keeps devices = cpu1, cpu0" in said[0]
+    airflow_cli.check_devices("celery", None)
+    for executor, devs, message in (("local", ("cpu0",), "only with --executor celery"),
+                                    ("celery", (), "name at least one device"),
+                                    ("celery", ("cpu0", "cpu 1"), "--devices: 'cpu 1' is not a device name")):
+        with pytest.raises(airflow_cli.AirflowCliError, match=message):
+            airflow_cli.check_devices(executor, devs)
