@@ -52,10 +52,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, REPO, RESULTS, ensure_baseline, load_avg, machine_header, table  # noqa: E402
 
 DAG_ID = "prune_trial"
-TASKS = ["validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "benchmark", "record"]
+# both paths of prune_trial in order (a rapid trial runs validate, prune_to_export, benchmark, record; a task
+# that did not run is left out of the breakdown)
+TASKS = ["validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "prune_to_export", "benchmark",
+         "record"]
 # in-process stage(s) (run_trial's timings_s) doing each task's work
 INPROC = {"validate": (), "ensure_baseline": (), "prune": ("prepare", "prune"), "thinnify": ("thinnify",),
-          "retrain": ("retrain",), "export": ("export",), "benchmark": ("benchmark",), "record": ("record",)}
+          "retrain": ("retrain",), "export": ("export",),
+          "prune_to_export": ("prepare", "prune", "thinnify", "retrain", "export"),
+          "benchmark": ("benchmark",), "record": ("record",)}
 RESEARCH_PER_HOUR = 90
 TARGET_PER_HOUR = 270
 
@@ -289,6 +294,8 @@ def breakdown(af: dict, ip: dict | None) -> tuple[str, dict]:
                                                 for s in ip["summaries"])
     for task in TASKS:
         d = per_task[task]
+        if not d["run"]:  # not on the path these trials took
+            continue
         s_sum, q_sum, r_sum = sum(d["sched"]), sum(d["queue"]), sum(d["run"])
         ipm = inproc_mean.get(task)
         tot["sched"] += s_sum
@@ -375,6 +382,8 @@ def side_by_side(args, a: dict, b: dict) -> str:
     rows = []
     for task in TASKS:
         ra, rb = da["per_task"][task]["run"], db["per_task"][task]["run"]
+        if not ra and not rb:
+            continue
         ratio = statistics.median(rb) / statistics.median(ra) if ra and rb and statistics.median(ra) else None
         rows.append([task, med(ra), med(rb), f"{ratio:.2f}" if ratio is not None else "-"])
     rows.append(["all tasks, sum over trials", f"{da['tot']['run']:.1f}", f"{db['tot']['run']:.1f}",

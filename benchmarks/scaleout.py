@@ -50,8 +50,8 @@ from _common import (  # noqa: E402
 from airflow_overhead import Servers, ts  # noqa: E402
 
 BENCH = {"rounds": 3, "iterations": 60, "warmup": 20, "threads": 1}
-STAGES = ("validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "benchmark", "benchmark_cpu0",
-          "record")
+STAGES = ("validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "prune_to_export", "benchmark",
+          "benchmark_cpu0", "record")
 TRANSFER = re.compile(r"artifacts: (\d+) file\(s\), ([\d,]+) bytes (from|to) \S+ \(([\d.]+) s\)")
 
 

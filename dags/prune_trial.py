@@ -1,14 +1,21 @@
 """prune_trial: one DAG run = one pruning trial.
 
     validate >> ensure_baseline >> prune >> thinnify >> retrain >> export >> benchmark >> record
+    validate >> prune_to_export >> benchmark                                  (a rapid trial)
 
 With several benchmark targets (``[pruneflow] devices``, e.g. ``cpu0, cpu1, ncs2``), ``benchmark`` is one
 task per target, each on its device's queue and pool, behind a branch that follows the trial's:
 
-    export >> route_benchmark >> [benchmark_cpu0, benchmark_cpu1, benchmark_ncs2] >> record
+    [export, prune_to_export] >> route_benchmark >> [benchmark_cpu0, benchmark_cpu1, benchmark_ncs2] >> record
 
 * **validate** turns the run's conf (the Params below) into a trial spec and checks it — data set,
   model, pruning globs — before anything is trained; the spec travels to the other tasks through XCom.
+  It also picks the path: a rapid trial (``epochs`` 0) follows ``prune_to_export``, one that fine-tunes
+  follows ``ensure_baseline``, one task per stage; the other path is skipped.
+* **prune_to_export** runs ensure_baseline, prune, thinnify, retrain (BatchNorm recalibration only) and
+  export of a rapid trial in one task: its stages take seconds, and each task hand-over costs about as
+  much (``benchmarks/sweep_throughput.py``). Its log names each stage as it starts; a failure is recorded
+  with the stage it happened in.
 * **ensure_baseline** trains the named baseline the first time it is asked for (``baseline`` empty:
   ``<model>-<dataset>-<image_size>`` in ``PRUNEFLOW_BASELINES``), so a fresh install can run a trial.
 * **route_benchmark** follows the benchmark task of the trial's ``benchmark.target`` (MYRIAD: the NCS2
@@ -29,15 +36,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.configuration import conf as airflow_conf
-from airflow.sdk import DAG
+from airflow.sdk import DAG, TriggerRule
 
 from pruneflow.bench_targets import bench_targets
+from pruneflow_airflow.deployment import deployment
 from pruneflow_airflow.operators import (
     BenchmarkOperator,
     EnsureBaselineOperator,
     ExportOperator,
     PruneOperator,
+    PruneToExportOperator,
     RecordOperator,
     RetrainOperator,
     RouteBenchmarkOperator,
@@ -47,13 +55,10 @@ from pruneflow_airflow.operators import (
 )
 from pruneflow_airflow.params import trial_params
 
-BENCHMARK_QUEUE = airflow_conf.get("pruneflow", "benchmark_queue", fallback="default")
-BENCHMARK_POOL = airflow_conf.get("pruneflow", "benchmark_pool", fallback="benchmark_cpu")
 # The machine-wide CPU pool: a torch task takes one slot; a benchmark in the same pool takes every slot,
 # so nothing else runs on the CPU while it measures.
-CPU_POOL = airflow_conf.get("pruneflow", "cpu_pool", fallback="") or "default_pool"
-CPU_SLOTS = airflow_conf.getint("pruneflow", "cpu_pool_slots", fallback=1)
-TARGETS = bench_targets(airflow_conf.get("pruneflow", "devices", fallback=""), BENCHMARK_QUEUE, BENCHMARK_POOL)
+DEPLOYMENT = deployment()
+TARGETS = bench_targets(DEPLOYMENT.devices, DEPLOYMENT.benchmark_queue, DEPLOYMENT.benchmark_pool)
 
 with DAG(
     dag_id="prune_trial",
@@ -65,25 +70,31 @@ with DAG(
     tags=["pruneflow"],
     default_args={"owner": "pruneflow", "retries": 0},
 ) as dag:
-    cpu = {"pool": CPU_POOL, "pool_slots": 1}
-    validate = ValidateTrialOperator(task_id="validate", bench_targets=TARGETS,
-                                     execution_timeout=timedelta(minutes=10), **cpu)
+    cpu = {"pool": DEPLOYMENT.cpu_pool, "pool_slots": 1}
+    validate = ValidateTrialOperator(task_id="validate", bench_targets=TARGETS, rapid_task_id="prune_to_export",
+                                     staged_task_id="ensure_baseline", execution_timeout=timedelta(minutes=10), **cpu)
     ensure_baseline = EnsureBaselineOperator(task_id="ensure_baseline", execution_timeout=timedelta(hours=6), **cpu)
     prune = PruneOperator(task_id="prune", execution_timeout=timedelta(hours=1), **cpu)
     thinnify = ThinnifyOperator(task_id="thinnify", execution_timeout=timedelta(hours=1), **cpu)
     retrain = RetrainOperator(task_id="retrain", execution_timeout=timedelta(hours=24), **cpu)
     export = ExportOperator(task_id="export", execution_timeout=timedelta(hours=1), **cpu)
+    # a missing named baseline is trained here too, hence ensure_baseline's limit on top of the stages'
+    prune_to_export = PruneToExportOperator(task_id="prune_to_export", execution_timeout=timedelta(hours=7), **cpu)
+    # after whichever path validate followed (the other one is skipped)
+    after_either = {"trigger_rule": TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS}
     # absolute priority: a benchmark waiting for every slot goes before the next trial's torch task
     benchmarks = [BenchmarkOperator(
-        task_id=benchmark_task_id(t), queue=t.queue, pool=t.pool, pool_slots=CPU_SLOTS if t.pool == CPU_POOL else 1,
+        task_id=benchmark_task_id(t), queue=t.queue, **(after_either if len(TARGETS) == 1 else {}), pool=t.pool, pool_slots=DEPLOYMENT.benchmark_slots(t.pool),
         priority_weight=100, weight_rule="absolute", retries=2,
         retry_delay=timedelta(seconds=15), execution_timeout=timedelta(hours=1)) for t in TARGETS]
     record = RecordOperator(
         task_id="record", retries=2, retry_delay=timedelta(seconds=10), execution_timeout=timedelta(minutes=10))
 
     validate >> ensure_baseline >> prune >> thinnify >> retrain >> export
+    validate >> prune_to_export
     if len(TARGETS) == 1:
-        export >> benchmarks[0] >> record
+        [export, prune_to_export] >> benchmarks[0] >> record
     else:
-        export >> RouteBenchmarkOperator(task_id="route_benchmark", bench_targets=TARGETS,
-                                         execution_timeout=timedelta(minutes=10)) >> benchmarks >> record
+        [export, prune_to_export] >> RouteBenchmarkOperator(
+            task_id="route_benchmark", bench_targets=TARGETS, execution_timeout=timedelta(minutes=10),
+            **after_either) >> benchmarks >> record

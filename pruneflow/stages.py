@@ -580,6 +580,38 @@ def abandoned_reason(spec: TrialSpec) -> str | None:
     return (res.get("reason") or "abandoned") if res.get("abandoned") else None
 
 
+#: The stages that run torch, in order; a rapid trial runs them in one task (:func:`prune_to_export`).
+TORCH_STAGES = ("prepare", "prune", "thinnify", "retrain", "export")
+
+
+def is_rapid(spec: TrialSpec) -> bool:
+    """A rapid trial: no fine-tuning epochs (retrain only recalibrates BatchNorm)."""
+    return spec.finetune.epochs == 0
+
+
+def prune_to_export(spec: TrialSpec, progress: Progress = _quiet,
+                    started: Callable[[str], None] = _quiet) -> dict:
+    """ensure_baseline and :data:`TORCH_STAGES` one after another in this process, stopping after a retrain
+    that abandons the trial (export is then not run). ``started(stage)`` is called as each stage begins, so
+    the caller knows which stage a failure belongs to. Returns each stage's result, and its time, by name.
+
+    Why one call: a rapid trial's stages take about 2.5 s together, and as one Airflow task each they
+    spent most of a trial's time in task hand-overs (``benchmarks/sweep_throughput.py``)."""
+    started("ensure_baseline")
+    out: dict = {"ensure_baseline": ensure_baseline(spec, progress)}
+    timings: dict[str, float] = {}
+    for stage in TORCH_STAGES:
+        started(stage)
+        t = time.perf_counter()
+        out[stage] = globals()[stage](spec, progress)
+        timings[stage] = round(time.perf_counter() - t, 3)
+        if stage == "retrain" and out[stage]["abandoned"]:
+            progress(f"trial {spec.trial_id} abandoned in retrain: export is not run")
+            break
+    out["timings_s"] = timings
+    return out
+
+
 def run_trial(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     """All stages in-process, the named baseline trained first if it does not exist yet (as the DAG does).
     Raises TrialFailed (after recording the failure) if a stage fails."""

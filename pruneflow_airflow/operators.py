@@ -1,6 +1,7 @@
 """Airflow operators for the stages of a pruning trial, each a thin call into :mod:`pruneflow.stages`.
 
     validate >> ensure_baseline >> prune >> thinnify >> retrain >> export >> benchmark >> record
+    validate >> prune_to_export >> benchmark        (a rapid trial: no fine-tuning epochs)
 
 Only small JSON travels through XCom: ``validate`` returns the resolved trial spec (a dict) and every
 later operator reads it from there (``spec_task_id``) unless it is given ``spec`` itself; the stages
@@ -25,7 +26,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.standard.operators.branch import BaseBranchOperator
+from airflow.providers.standard.operators.branch import BaseBranchOperator, BranchMixIn
 from airflow.sdk import BaseOperator, TriggerRule
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -40,6 +41,7 @@ __all__ = [
     "EnsureBaselineOperator",
     "ExportOperator",
     "PruneOperator",
+    "PruneToExportOperator",
     "RecordOperator",
     "RetrainOperator",
     "RouteBenchmarkOperator",
@@ -72,8 +74,8 @@ def record_failure(context: Context) -> None:
     ti = context.get("ti")
     task = context.get("task")
     exc = context.get("exception")
-    # the stage, not the task: benchmark_cpu1 is the benchmark stage
-    stage = getattr(task, "stage", "") or getattr(ti, "task_id", None) or getattr(task, "task_id", "unknown")
+    # the stage, not the task: benchmark_cpu1 is the benchmark stage, prune_to_export the one it was in
+    stage = getattr(task, "_stage_now", None) or getattr(task, "stage", "") or getattr(ti, "task_id", None) or getattr(task, "task_id", "unknown")
     reason = _failure_reason(exc, task)
     log = getattr(task, "log", None)
     spec = getattr(task, "_trial_spec", None)
@@ -140,7 +142,7 @@ def stage_environment(uses_torch: bool = True):
         yield
 
 
-class ValidateTrialOperator(BaseOperator):
+class ValidateTrialOperator(BaseOperator, BranchMixIn):
     """Resolve the DAG run's conf (its Params) into a TrialSpec, within the deployment's limits, and check
     it before any work: the data set, the model and the pruning globs (:func:`pruneflow.stages.check_plan`).
 
@@ -149,18 +151,28 @@ class ValidateTrialOperator(BaseOperator):
     :param conf: the flat conf (see :mod:`pruneflow.trial_conf`); default: the run's params.
     :param bench_targets: the deployment's benchmark targets (:func:`pruneflow.bench_targets.bench_targets`):
         the trial's ``benchmark.target`` and device must route to one of them.
+    :param rapid_task_id: with ``staged_task_id``, validate is also a branch: a rapid trial
+        (:func:`pruneflow.stages.is_rapid`) follows ``rapid_task_id`` (``prune_to_export``), one that
+        fine-tunes ``staged_task_id`` (``ensure_baseline``, then one task per stage); the other is skipped.
     """
+
+    inherits_from_skipmixin = True
 
     template_fields: Sequence[str] = ("conf",)
     template_fields_renderers = {"conf": "json"}
     ui_color = "#e8f0fe"
 
     def __init__(self, *, conf: dict[str, Any] | None = None, check_plan: bool = True,
-                 bench_targets: Sequence[BenchTarget] = (), **kwargs: Any) -> None:
+                 bench_targets: Sequence[BenchTarget] = (), rapid_task_id: str | None = None,
+                 staged_task_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**_with_failure_recording(kwargs))
+        if (rapid_task_id is None) != (staged_task_id is None):
+            raise ValueError("ValidateTrialOperator: give both rapid_task_id and staged_task_id, or neither")
         self.conf = conf
         self.check_plan = check_plan
         self.bench_targets = tuple(bench_targets)
+        self.rapid_task_id = rapid_task_id
+        self.staged_task_id = staged_task_id
 
     def execute(self, context: Context) -> dict[str, Any]:
         from pruneflow import stages
@@ -186,7 +198,12 @@ class ValidateTrialOperator(BaseOperator):
                     self.log.info("plan check: %s", stages.check_plan(spec))
         except SpecError as exc:  # deterministic: fail without retrying
             raise AirflowFailException(str(exc)) from None
-        return spec.model_dump(mode="json")
+        out = spec.model_dump(mode="json")
+        if self.rapid_task_id:
+            # skipping the other path ends execute with an exception, so the spec is pushed first
+            context["ti"].xcom_push(key="return_value", value=out)
+            self.do_branch(context, self.rapid_task_id if stages.is_rapid(spec) else self.staged_task_id)
+        return out
 
 
 class TrialStageOperator(BaseOperator):
@@ -289,6 +306,35 @@ class PruneOperator(TrialStageOperator):
         from pruneflow import stages
 
         return {**stages.prepare(spec, self.progress), **stages.prune(spec, self.progress)}
+
+
+class PruneToExportOperator(TrialStageOperator):
+    """A rapid trial's torch stages in one task (:func:`pruneflow.stages.prune_to_export`): ensure_baseline,
+    prepare, prune, thinnify, retrain (BatchNorm recalibration) and export, each logged as it starts. One
+    task instead of five saves four hand-overs per trial; a failure is recorded with the stage it
+    happened in. Export is not run when the trial is abandoned (benchmark then skips)."""
+
+    ui_color = "#fce8e6"
+
+    @property
+    def artifact_stages(self) -> tuple[str, ...]:  # type: ignore[override]
+        from pruneflow.stages import TORCH_STAGES
+
+        return TORCH_STAGES
+
+    def _started(self, stage: str) -> None:
+        self._stage_now = stage
+        self.log.info("stage %s", stage)
+
+    def execute(self, context: Context) -> Any:
+        self._stage_now = None  # what record_failure reads: never a previous run's
+        return super().execute(context)
+
+    def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
+        from pruneflow import stages
+
+        out = stages.prune_to_export(spec, self.progress, self._started)
+        return json.loads(json.dumps(out, default=str))
 
 
 class ThinnifyOperator(TrialStageOperator):

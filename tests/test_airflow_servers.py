@@ -139,8 +139,8 @@ def test_trials_triggered_by_rest_and_cli_run_to_success(airflow_servers: Airflo
         rest_run = r.json()["dag_run_id"]
         assert r.json()["conf"]["trial_id"] == "e2e-rest"
 
-        # The second trial reuses the baseline the first one trains.
-        state = _wait_for_task(s, client, rest_run, "ensure_baseline")
+        # The second trial reuses the baseline the first one trains (in prune_to_export: a rapid trial).
+        state = _wait_for_task(s, client, rest_run, "prune_to_export")
         assert state == "success", _trial_failure(s, client, rest_run, {"state": state})
         print(f"baseline trained by the first trial after {time.monotonic() - t0:.1f}s")
         cli_conf = {**RAPID, "trial_id": "e2e-cli", "name": "e2e-cli", "criterion": "l2",
@@ -160,7 +160,8 @@ def test_trials_triggered_by_rest_and_cli_run_to_success(airflow_servers: Airflo
     assert {(b["pool"], b["pool_slots"]) for b in benches} == {("benchmark_cpu", 2)}  # the whole CPU pool
     (a0, a1), (b0, b1) = sorted(_interval(b) for b in benches)
     assert a1 <= b0, f"the two benchmarks overlapped: {a0}..{a1} and {b0}..{b1}"
-    torch_tasks = [ti for ti in tis if ti["task_id"] not in ("benchmark", "record")]
+    torch_tasks = [ti for ti in tis if ti["task_id"] not in ("benchmark", "record") and ti["state"] != "skipped"]
+    assert {t["task_id"] for t in torch_tasks} == {"validate", "prune_to_export"}  # a rapid trial's path
     assert {(t["pool"], t["pool_slots"]) for t in torch_tasks} == {("benchmark_cpu", 1)}
     for b in benches:
         b0, b1 = _interval(b)

@@ -185,8 +185,8 @@ def test_trial_trains_on_the_default_queue_and_benchmarks_in_the_torch_free_work
         tis = _tis(client, run_id)
     assert tis["benchmark_cpu0"]["queue"] == "bench_cpu0" and tis["benchmark_cpu0"]["pool"] == "bench_cpu0"
     assert tis["benchmark_cpu1"]["state"] == "skipped"  # the default target is the first device
-    assert {tis[t]["queue"] for t in ("prune", "thinnify", "retrain", "export", "route_benchmark", "record")} == {
-        "default"}
+    assert {tis[t]["queue"] for t in ("prune_to_export", "route_benchmark", "record")} == {"default"}
+    assert {tis[t]["state"] for t in ("ensure_baseline", "prune", "thinnify", "retrain", "export")} == {"skipped"}
     row = _results(s).get_trial("celery-1")
     assert row is not None and row["status"] == "succeeded", row
     assert row["bench_queue"] == "bench_cpu0"

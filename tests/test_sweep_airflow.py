@@ -141,7 +141,7 @@ def test_a_dense_trial_that_keeps_failing_fails_the_sweep_with_the_reason(airflo
     client = s.client(s.token())
     s.wait_for_dag(client, "prune_sweep")
     _unpause(client, "prune_trial", "prune_sweep")
-    missing = s.out / "trials" / "no-such-baseline" / "model.pt"  # every trial fails in ensure_baseline
+    missing = s.out / "trials" / "no-such-baseline" / "model.pt"  # every trial fails in ensure_baseline (in prune_to_export)
     run_id = _post_sweep(client, {
         "study": "dense-fails", "n_trials": 2, "parallel": 2, "sampler": "random", "space": SPACE,
         "objective": "top1_under_latency", "latency_budget": {"value": 0.8, "unit": "fraction"},
@@ -171,6 +171,11 @@ def test_the_nightly_schedule_continues_its_studies_and_a_killed_sweep_resumes(a
     while not _trial_runs(client, "killed-sweep"):
         assert time.monotonic() < deadline, "the sweep never started a trial"
         time.sleep(1)
+    # killed while its lane waits for the trial (deferred), as a user sees it in the UI. Once, in the full
+    # suite, a run marked failed before its lane had deferred ended success (see NOTES.md)
+    while s.task_states(client, run_id, dag_id="prune_sweep").get("run_trials") != "deferred":
+        assert time.monotonic() < deadline, "the sweep's lane never waited for its trial"
+        time.sleep(0.2)
     assert client.patch(f"/api/v2/dags/prune_sweep/dagRuns/{run_id}", json={"state": "failed"}).status_code == 200
     assert [t.state.name for t in _study(s, "killed-sweep").trials] == ["RUNNING"]  # asked, never told
 
