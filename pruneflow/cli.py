@@ -193,12 +193,34 @@ def cmd_trials(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from pathlib import Path
+
+    from pruneflow.sensitivity import format_profile, load_sensitivity, run_sensitivity, save_profile
+
+    sens = load_sensitivity(args.spec)
+    profile = run_sensitivity(sens, _Progress())
+    files = save_profile(profile, sens.trial_spec().db, Path(args.out or f"out/sensitivity/{sens.name}"))
+    if args.json:
+        print(json.dumps({"profile": profile, "files": files}, indent=2))
+        return 0
+    print(format_profile(profile))
+    print(f"profile: {files['json']}  table: {files['table']}  plot: {files['plot']}")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from pruneflow.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep)
     if args.n_trials:
         sweep = sweep.model_copy(update={"n_trials": args.n_trials})
+    if sweep.auto is not None:  # the space it chose, to re-run the sweep as it was
+        import yaml
+
+        print(f"space: auto chose {len(sweep.space)} group(s) from {sweep.auto.profile}:\n"
+              + yaml.safe_dump({"space": [r.model_dump(exclude_none=True) for r in sweep.space]}, sort_keys=False),
+              file=sys.stderr)
     summary = run_sweep(sweep, _Progress())
     print(json.dumps(summary, indent=2) if args.json else
           f"study {summary['study']}: {summary['trials']} trials {summary['by_status']}; best {summary['best']}")
@@ -276,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--n-trials", type=int, help="trials to run now (overrides the spec)")
     w.add_argument("--json", action="store_true")
     w.set_defaults(func=cmd_sweep)
+
+    se = sub.add_parser("sensitivity", help="prune each coupled set of layers alone at a grid of sparsities: "
+                        "recalibrated Top-1 and latency saved per set (a profile for space: auto)")
+    se.add_argument("spec", help="sensitivity spec YAML: {name, trial: {...}, sparsities: [...]}")
+    se.add_argument("--out", help="output folder (default out/sensitivity/NAME)")
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=cmd_sensitivity)
 
     rp = sub.add_parser("report", help="write a study's HTML report, PNG plots and CSV")
     rp.add_argument("study")

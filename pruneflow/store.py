@@ -120,6 +120,17 @@ class Benchmark(Base):
     result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class Sensitivity(Base):
+    """One sensitivity profile (:mod:`pruneflow.sensitivity`) by name; measuring it again replaces it."""
+
+    __tablename__ = "pf_sensitivity"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    measured_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+    profile_json: Mapped[str] = mapped_column(Text)
+
+
 _TRIAL_COLUMNS = {c.name for c in Trial.__table__.columns}
 _EPOCH_COLUMNS = [c.name for c in Epoch.__table__.columns if c.name != "trial_id"]
 _BENCHMARK_KEY = [c.name for c in Benchmark.__table__.primary_key.columns]
@@ -257,6 +268,19 @@ class ResultsStore:
         }
         with self.engine.begin() as conn:
             _upsert(conn, Benchmark.__table__, row, _BENCHMARK_KEY, [k for k in row if k not in _BENCHMARK_KEY])
+
+    def upsert_sensitivity(self, profile: dict) -> None:
+        """Record a sensitivity profile under its name (a profile measured again replaces the old one)."""
+        row = {"name": profile["name"], "model": profile.get("model"), "device": profile.get("device"),
+               "measured_at": _now(), "profile_json": json.dumps(profile, sort_keys=True)}
+        with self.engine.begin() as conn:
+            _upsert(conn, Sensitivity.__table__, row, ["name"], ["model", "device", "measured_at", "profile_json"])
+
+    def get_sensitivity(self, name: str) -> dict | None:
+        """The profile recorded under ``name``, or None."""
+        with Session(self.engine) as s:
+            row = s.get(Sensitivity, name)
+            return json.loads(row.profile_json) if row else None
 
     def get_trial(self, trial_id: str) -> dict | None:
         with Session(self.engine) as s:

@@ -22,10 +22,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pruneflow.analysis import best_rows, budget_ms, promotion_order, study_rows
+from pruneflow.auto_space import AutoSpace
 from pruneflow.constants import MAX_SPARSITY
 from pruneflow.spec import (
     EarlyStopping,
     Id,
+    ModelSpec,
     TrialSpec,
     format_validation_error,
     parse_spec,
@@ -77,7 +79,10 @@ PROMOTABLE = ("top1", "top1_under_latency", "latency_over_top1", "pareto")
 class SweepSpec(_Strict):
     study: Id = Field(..., description="name of the study; an existing study is continued")
     base: dict[str, Any] = Field(default_factory=dict, description="trial spec every trial starts from")
-    space: list[SparsityRange] = Field(..., min_length=1, description="the sparsity range of each group")
+    space: list[SparsityRange] = Field(..., min_length=1, description="the sparsity range of each group (a sweep "
+                                       "spec file may say `auto` instead: chosen from a sensitivity profile)")
+    auto: AutoSpace | None = Field(None, description="with space: auto, how the space is chosen from a "
+                                   "sensitivity profile; kept beside the explicit space it chose")
     objective: Objective = Field(
         "pareto", description="latency (minimise), top1 (maximise), top1_under_latency (needs a latency budget), "
         "latency_over_top1 (needs a Top-1 floor) or pareto (both)")
@@ -132,9 +137,44 @@ class SweepError(ValueError):
     pass
 
 
+def _resolve_auto_space(data: dict[str, Any]) -> dict[str, Any]:
+    """``space: auto`` replaced by the explicit space its profile gives (:mod:`pruneflow.auto_space`)."""
+    import json
+    from pathlib import Path
+
+    from pruneflow.auto_space import auto_space
+
+    if not isinstance(data.get("auto"), dict):
+        raise SweepError("auto: required with space: auto, e.g. {profile: out/sensitivity/NAME/profile.json, "
+                         "tolerance: 1.0}")
+    try:
+        auto = AutoSpace.model_validate(data["auto"])
+    except ValidationError as exc:
+        raise SweepError(format_validation_error(exc, prefix="auto.").replace("invalid trial spec", "invalid sweep")
+                         ) from None
+    path = Path(auto.profile)
+    try:
+        profile = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"auto.profile: {path}: cannot read a sensitivity profile ({exc}); make one with "
+                         "`pruneflow sensitivity SPEC.yaml`") from None
+    model = ((data.get("base") or {}).get("model") or {}).get("name", ModelSpec.model_fields["name"].default)
+    if profile.get("model") != model:
+        raise SweepError(f"auto.profile: {path} profiles model {profile.get('model')!r}, the sweep prunes "
+                         f"{model!r}")
+    space = auto_space(profile, auto)
+    if not space:
+        raise SweepError(f"space: auto chose no group from {path}: every set drops more than auto.tolerance "
+                         f"{auto.tolerance} points at its first sparsity, or saves less than auto.min_saved_pct "
+                         f"{auto.min_saved_pct}% of the dense latency")
+    return {**data, "space": space, "auto": auto.model_dump()}
+
+
 def parse_sweep(data: dict[str, Any]) -> SweepSpec:
     if not isinstance(data, dict):
         raise SweepError(f"sweep: expected a mapping, got {type(data).__name__}")
+    if data.get("space") == "auto":
+        data = _resolve_auto_space(data)
     try:
         sweep = SweepSpec.model_validate(data)
     except ValidationError as exc:

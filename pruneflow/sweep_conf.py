@@ -45,8 +45,9 @@ EXTRA_KEYS: dict[str, dict[str, Any]] = {
 
 @functools.lru_cache(maxsize=1)
 def sweep_conf_keys() -> tuple[ConfKey, ...]:
-    keys = generate_keys(SweepSpec, _NAMES, _SECTION_OF, _FORM_DEFAULTS, {("latency_budget",), ("early_stopping",)},
-                         skip={("base",)})
+    # auto (space: auto) is read from a sweep spec file only: a conf names no profile path
+    keys = generate_keys(SweepSpec, _NAMES, _SECTION_OF, _FORM_DEFAULTS,
+                         {("latency_budget",), ("early_stopping",), ("auto",)}, skip={("base",), ("auto",)})
     keys += [ConfKey(k, (), v["section"], v["title"], v["description"], v["default"], v["schema"])
              for k, v in EXTRA_KEYS.items()]
     return check_unique(keys)
@@ -63,6 +64,9 @@ def sweep_from_conf(conf: dict[str, Any] | None) -> SweepSpec:
     unknown = [k for k in conf if k not in defaults]
     if unknown:
         raise SweepError(f"invalid sweep: unknown conf keys {unknown} (known: {', '.join(defaults)})")
+    if conf["space"] == "auto":
+        raise SweepError("invalid sweep:\n  space: auto is read from a sweep spec file (`pruneflow sweep`) only; "
+                         "a conf gives the space as a list of {name, patterns, low, high, step}")
     trial = conf["trial"] or {}
     if not isinstance(trial, dict):
         raise SweepError("invalid sweep:\n  trial: expected a JSON object of prune_trial conf keys")

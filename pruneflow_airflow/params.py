@@ -1,5 +1,5 @@
-"""The trigger forms of prune_trial and prune_sweep, as Airflow Params generated from the library's conf
-keys (:mod:`pruneflow.trial_conf`, :mod:`pruneflow.sweep_conf`): the spec is the one definition of every
+"""The trigger forms of prune_trial, prune_sweep and prune_sensitivity, as Airflow Params generated from the library's conf
+keys (:mod:`pruneflow.trial_conf`, :mod:`pruneflow.sweep_conf`, :mod:`pruneflow.sensitivity_conf`): the spec is the one definition of every
 setting's default, bounds, allowed values and help text."""
 
 from __future__ import annotations
@@ -29,3 +29,9 @@ def sweep_params() -> dict[str, Param]:
     from pruneflow.sweep_conf import sweep_conf_keys
 
     return _params(list(sweep_conf_keys()))
+
+
+def sensitivity_params() -> dict[str, Param]:
+    from pruneflow.sensitivity_conf import sensitivity_conf_keys
+
+    return _params(list(sensitivity_conf_keys()))

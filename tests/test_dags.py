@@ -20,7 +20,16 @@ import pytest
 from pruneflow import settings, trial_conf
 from pruneflow.constants import ID_RE
 
-TASKS = ["validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "benchmark", "record"]
+# a trial that fine-tunes: one task per stage; a rapid trial: its torch stages in prune_to_export
+STAGED = ["validate", "ensure_baseline", "prune", "thinnify", "retrain", "export", "benchmark", "record"]
+RAPID = ["validate", "prune_to_export", "benchmark", "record"]
+TASKS = STAGED[:-2] + ["prune_to_export"] + STAGED[-2:]
+
+
+def _rapid_states(**states: str) -> dict[str, str]:
+    """The task states of a rapid trial's run: its path as given (default success), the staged one skipped."""
+    return {**dict.fromkeys(STAGED[1:-2], "skipped"), **dict.fromkeys(RAPID, "success"), **states}
+
 # a rapid trial on a tiny baseline: 16x16 digits, 1 epoch on 256 samples; short benchmark
 # a rapid trial on a small baseline: 16x16 digits, 3 epochs (enough to stay above chance once pruned and
 # recalibrated); short benchmark
@@ -129,8 +138,12 @@ def test_spec_from_conf_names_the_conf_key():
 def test_dag_folder_imports_and_prune_trial_reads_like_the_pipeline(dagbag, dag):
     assert dagbag.import_errors == {}
     assert [t.task_id for t in dag.topological_sort()] == TASKS
-    for up, down in zip(TASKS, TASKS[1:], strict=False):
-        assert dag.task_dict[up].downstream_task_ids == {down}
+    assert dag.task_dict["validate"].downstream_task_ids == {"ensure_baseline", "prune_to_export"}
+    for path in (STAGED[1:], RAPID[1:]):
+        for up, down in zip(path, path[1:], strict=False):
+            assert dag.task_dict[up].downstream_task_ids == {down}
+    assert str(dag.task_dict["benchmark"].trigger_rule) in (
+        "none_failed_min_one_success", "TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS")
     assert dag.schedule is None and dag.catchup is False
     assert {t.task_id: t.retries for t in dag.tasks} == {t: 2 if t in ("benchmark", "record") else 0 for t in TASKS}
     assert all(t.execution_timeout for t in dag.tasks)
@@ -162,15 +175,17 @@ def test_dag_files_parse_without_torch_and_take_queue_and_pool_from_config(af_en
         "from airflow.dag_processing.dagbag import DagBag\n"
         f"bag = DagBag(dag_folder={str(airflow_env.DAGS)!r})\n"
         "t = bag.dags['prune_trial'].task_dict['benchmark']\n"
+        "s = bag.dags['prune_sensitivity'].task_dict['benchmark']\n"
         "print(json.dumps({'errors': list(bag.import_errors), 'heavy': sorted(m for m in ('torch', 'openvino', "
         "'onnxruntime', 'torch_pruning', 'pruneflow.stages') if m in sys.modules), "
-        "'queue': t.queue, 'pool': t.pool}))\n"
+        "'queue': t.queue, 'pool': t.pool, 'sensitivity': [s.queue, s.pool]}))\n"
     )
     env = {**os.environ, "AIRFLOW__PRUNEFLOW__BENCHMARK_QUEUE": "npu-host-1",
            "AIRFLOW__PRUNEFLOW__BENCHMARK_POOL": "npu0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"errors": [], "heavy": [], "queue": "npu-host-1", "pool": "npu0"}
+    assert result == {"errors": [], "heavy": [], "queue": "npu-host-1", "pool": "npu0",
+                      "sensitivity": ["npu-host-1", "npu0"]}
 
 
 # ---------------------------------------------------------------- bad confs are refused
@@ -216,7 +231,7 @@ def trial_run(dag):
 
 def test_rapid_trial_end_to_end_is_recorded(trial_run):
     dr, trial_id = trial_run
-    assert _states(dr) == dict.fromkeys(TASKS, "success")
+    assert _states(dr) == _rapid_states()
     assert str(dr.state) in ("success", "DagRunState.SUCCESS")
     baseline = os.path.join(os.environ["PRUNEFLOW_BASELINES"], "resnet20-digits-16", "baseline.pt")
     assert os.path.isfile(baseline)  # trained and registered by ensure_baseline
@@ -237,10 +252,9 @@ def test_rerunning_benchmark_and_record_does_not_duplicate(dag, trial_run):
     latency = os.path.join(os.environ["PRUNEFLOW_ARTIFACTS"], trial_id, "latency.json")
     before = os.stat(latency).st_mtime_ns
     # the same run again (same run id -> same trial); only validate, benchmark and record really run
-    dr2 = _test(dag, run_conf=FAST, logical_date=T0, run_after=T0,
-                   mark_success_pattern="ensure_baseline|prune|thinnify|retrain|export")
+    dr2 = _test(dag, run_conf=FAST, logical_date=T0, run_after=T0, mark_success_pattern="prune_to_export")
     assert dr2.run_id == dr.run_id
-    assert _states(dr2) == dict.fromkeys(TASKS, "success")
+    assert _states(dr2) == _rapid_states()
     assert os.stat(latency).st_mtime_ns > before  # benchmark measured again
     store = _store()
     assert [r["trial_id"] for r in store.list_trials() if r["trial_id"] == trial_id] == [trial_id]
@@ -252,7 +266,7 @@ def test_failing_stage_fails_the_run_and_records_the_reason(dag, trial_run):
     dr = _test(dag, run_conf={**FAST, "trial_id": "parity-fail", "parity_atol": 1e-12})
     states = _states(dr)
     assert str(dr.state) in ("failed", "DagRunState.FAILED")
-    assert [states[t] for t in TASKS] == ["success"] * 5 + ["failed", "upstream_failed", "upstream_failed"]
+    assert states == _rapid_states(prune_to_export="failed", benchmark="upstream_failed", record="upstream_failed")
     row = _store().get_trial("parity-fail")
     assert row["status"] == "failed"
     assert row["reason"].startswith("export: export parity failed")
@@ -265,7 +279,8 @@ def test_abandoned_trial_skips_export_and_benchmark_and_is_recorded(dag, trial_r
     # an impossible learning rate keeps the network at chance: retrain abandons it after one epoch
     dr = _test(dag, run_conf={**FAST, "trial_id": "gave-up", "epochs": 1, "lr": 10, "finetune_chance_patience": 1})
     assert str(dr.state) in ("success", "DagRunState.SUCCESS")
-    assert _states(dr) == {**dict.fromkeys(TASKS, "success"), "export": "skipped", "benchmark": "skipped"}
+    assert _states(dr) == {**dict.fromkeys(STAGED, "success"), "prune_to_export": "skipped", "export": "skipped",
+                           "benchmark": "skipped"}
     row = _store().get_trial("gave-up")
     assert row["status"] == "abandoned" and "chance" in row["reason"]
     assert row["latency_median_ms"] is None and _store().benchmarks("gave-up") == []
@@ -285,6 +300,7 @@ def test_several_benchmark_targets_branch_to_the_trials_own(dag, trial_run, monk
         Pool.create_or_update_pool(pool, 1, "one benchmark at a time", include_deferred=False)
     routed = DagBag(dag_folder=str(airflow_env.DAGS / "prune_trial.py")).dags["prune_trial"]
     assert routed.task_dict["export"].downstream_task_ids == {"route_benchmark"}
+    assert routed.task_dict["prune_to_export"].downstream_task_ids == {"route_benchmark"}
     assert routed.task_dict["route_benchmark"].downstream_task_ids == {"benchmark_cpu0", "benchmark_cpu1"}
     assert {t: (routed.task_dict[t].queue, routed.task_dict[t].pool, routed.task_dict[t].pool_slots)
             for t in ("benchmark_cpu0", "benchmark_cpu1")} == {
@@ -303,7 +319,7 @@ def test_several_benchmark_targets_branch_to_the_trials_own(dag, trial_run, monk
             ("no-ncs2", {"device": "MYRIAD", "precision": "f16"}, "add ncs2 to [pruneflow] devices")):
         dr = DagBag(dag_folder=str(airflow_env.DAGS / "prune_trial.py")).dags["prune_trial"].test(
             run_conf={**FAST, "trial_id": trial_id, **conf})
-        assert _states(dr)["validate"] == "failed" and _states(dr)["prune"] == "upstream_failed"
+        assert _states(dr)["validate"] == "failed" and _states(dr)["prune_to_export"] == "upstream_failed"
         row = _store().get_trial(trial_id)
         assert row["status"] == "failed" and message in row["reason"], row["reason"]
 
@@ -315,3 +331,32 @@ def test_preload_imports_what_it_can_and_skips_the_rest(af_env):
 
     assert preload_modules(" json, pruneflow.spec,, no_such_module_pf ,") == ["json", "pruneflow.spec"]
     assert preload_modules("") == []
+
+
+def test_prune_sensitivity_writes_the_profile_its_table_and_plot(dagbag, trial_run, tmp_path, monkeypatch):
+    """One prune_sensitivity run on the baseline the trial above trained: validate, measure_points,
+    benchmark, write_profile; the profile holds one row per set and sparsity, in the reports folder."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("PRUNEFLOW_REPORTS", str(tmp_path / "reports"))
+    assert dagbag.import_errors == {}
+    dag = DagBag(dag_folder=str(airflow_env.DAGS / "prune_sensitivity.py")).dags["prune_sensitivity"]
+    assert [t.task_id for t in dag.topological_sort()] == ["validate", "measure_points", "benchmark",
+                                                           "write_profile"]
+    assert set(dag.params.keys()) == {"name", "sparsities", "sets", "trial"}
+    trial = {k: v for k, v in FAST.items() if k != "sparsities"}
+    dr = dag.test(run_conf={"name": "sens-dag", "sparsities": [0.5], "sets": ["layer3.2.*"], "trial": trial})
+    assert str(dr.state) in ("success", "DagRunState.SUCCESS"), _states(dr)
+    profile = json.loads((tmp_path / "reports" / "sensitivity" / "sens-dag" / "profile.json").read_text())
+    assert profile["model"] == "resnet20" and profile["dataset"]["image_size"] == 16
+    assert profile["sets"] and all(any(layer.startswith("layer3.2.") for layer in s["layers"]) for s in profile["sets"])
+    assert [[p["sparsity"] for p in s["points"]] for s in profile["sets"]] == [[0.5]] * len(profile["sets"])
+    assert (tmp_path / "reports" / "sensitivity" / "sens-dag" / "sensitivity.png").is_file()
+    assert _store().get_sensitivity("sens-dag") == profile  # and in the deployment's results DB
+
+    # bad input is refused in validate, with the field named, before any point is measured
+    bad = DagBag(dag_folder=str(airflow_env.DAGS / "prune_sensitivity.py")).dags["prune_sensitivity"].test(
+        run_conf={"name": "sens-bad", "sparsities": [0.99], "trial": trial})
+    states = _states(bad)
+    assert states["validate"] == "failed" and states["measure_points"] == "upstream_failed"
+    assert not (Path(os.environ["PRUNEFLOW_ARTIFACTS"]) / "sens-bad-dense").exists()

@@ -196,7 +196,7 @@ def test_head_constant_is_the_scripts_head():
 def test_first_use_creates_the_schema_at_head(new_url):
     url = new_url()
     ResultsStore(url).close()
-    assert _tables(url) == {"pf_trials", "pf_epochs", "pf_benchmarks", VERSION_TABLE}  # no `alembic_version`
+    assert _tables(url) == {"pf_trials", "pf_epochs", "pf_benchmarks", "pf_sensitivity", VERSION_TABLE}  # no `alembic_version`
     engine = make_engine(url)
     assert schema_revision(engine) == HEAD
     engine.dispose()
