@@ -5,8 +5,8 @@ to the largest sparsity of the profile's grid up to which the recalibrated Top-1
 ``tolerance`` points; a set whose first grid point already drops more, or that saves less than
 ``min_saved_pct`` of the dense latency within its range, is left out. When more than ``max_groups`` sets
 remain, neighbouring sets of one stage (the same first name component, e.g. ``layer2``) are merged, the
-pair with the smallest combined saving first; a merged group's range is the narrower of the two, so no
-member goes past its own bound.
+pair with the closest bounds first (then the smallest combined saving); a merged group's range is the
+narrower of the two, so no member goes past its own bound, and merging sets of alike bounds narrows least.
 
 The result is an explicit list of ranges (what a hand-written ``space`` holds), so a sweep that used it
 can be re-run as it was.
@@ -66,7 +66,8 @@ def auto_space(profile: dict[str, Any], auto: AutoSpace) -> list[dict[str, Any]]
         pairs = [i for i in range(len(groups) - 1) if groups[i]["stage"] == groups[i + 1]["stage"]]
         if not pairs:
             break  # one set per stage left: merging across stages would mix unrelated layers
-        i = min(pairs, key=lambda i: groups[i]["saved"] + groups[i + 1]["saved"])
+        i = min(pairs, key=lambda i: (abs(groups[i]["high"] - groups[i + 1]["high"]),
+                                      groups[i]["saved"] + groups[i + 1]["saved"]))
         a, b = groups[i], groups.pop(i + 1)
         groups[i] = {"names": a["names"] + b["names"], "patterns": a["patterns"] + b["patterns"],
                      "high": min(a["high"], b["high"]), "saved": a["saved"] + b["saved"], "stage": a["stage"]}

@@ -74,3 +74,17 @@ def test_trial_bench_and_trials_commands(spec_dict, tmp_path):
     onnx = tmp_path / "trials" / "cli" / "model.onnx"
     text = pf("bench", onnx, "--backend", "onnxruntime", "--rounds", "2", "--iterations", "10").stdout
     assert "onnxruntime" in text
+
+
+def test_sensitivity_and_auto_sweep_refuse_bad_input_before_any_work(tmp_path):
+    bad = tmp_path / "sens.yaml"
+    bad.write_text(yaml.safe_dump({"name": "s", "sparsities": [0.5, 1.2],
+                                   "trial": {"artifacts": str(tmp_path / "trials")}}))
+    proc = pf("sensitivity", bad, check=False)
+    assert proc.returncode == 2 and "sparsities" in proc.stderr and "[0, 0.95]" in proc.stderr, proc.stderr
+    assert not (tmp_path / "trials").exists()  # nothing was pruned
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"study": "a", "space": "auto",
+                                     "auto": {"profile": str(tmp_path / "none.json"), "tolerance": 1}}))
+    proc = pf("sweep", sweep, check=False)
+    assert proc.returncode == 2 and "auto.profile" in proc.stderr and "pruneflow sensitivity" in proc.stderr

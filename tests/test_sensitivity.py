@@ -151,3 +151,12 @@ def test_the_examples_parse(tmp_path):
     assert data["space"] == "auto"
     data["auto"]["profile"] = _sweep(tmp_path)["auto"]["profile"]  # the fixture profile in place of a measured one
     assert [r.name for r in parse_sweep(data).space] == ["set00", "set01", "set04", "set05"]
+
+
+def test_auto_space_merges_the_neighbours_with_the_closest_bounds_first():
+    # one stage, bounds 0.5 0.5 0.25 0.25; the middle pair saves least, but merging it would cut set01 to 0.25
+    rows = [((0.25, 0, 5), (0.5, 0, 10)), ((0.25, 0, 1), (0.5, 0, 1)), ((0.25, 0, 1), (0.5, 9, 1)),
+            ((0.25, 0, 10), (0.5, 9, 10))]
+    sets = [{"set": f"set{i:02d}", "layers": [f"layer2.{i}.conv1"], "points": _points(*r)} for i, r in enumerate(rows)]
+    space = auto_space({"sets": sets}, AutoSpace(profile="p", tolerance=1.0, min_saved_pct=0, max_groups=2))
+    assert [(r["name"], r["high"]) for r in space] == [("set00-set01", 0.5), ("set02-set03", 0.25)]
