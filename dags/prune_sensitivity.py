@@ -10,7 +10,8 @@
   on the benchmark queue and pool (a whole-CPU measurement on the embedded default), torch-free.
 * **write_profile** writes ``profile.json``, the table ``profile.txt`` and the plot ``sensitivity.png``
   (Top-1 drop against latency saved, per set) to ``PRUNEFLOW_REPORTS/sensitivity/<name>/``, and the profile
-  into the results DB (``pf_sensitivity``, by name); a sweep with ``space: auto`` reads that ``profile.json``.
+  into the results DB (``pf_sensitivity``, by name), and records the dense model and every point as trials
+  of the study named after the profile; a sweep with ``space: auto`` reads that ``profile.json``.
 
 The points' files are read from the local artifact root: with an object-store ``PRUNEFLOW_ARTIFACTS``
 the run fails in validate (not supported yet).
@@ -42,12 +43,20 @@ with DAG(
     def validate(params: dict | None = None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pruneflow.sensitivity_conf import check_local_artifacts, sensitivity_from_conf
+        from pruneflow.bench_targets import bench_targets
+        from pruneflow.sensitivity_conf import (
+            check_default_target,
+            check_local_artifacts,
+            sensitivity_from_conf,
+        )
         from pruneflow.spec import SpecError
 
         try:
             check_local_artifacts()
-            return sensitivity_from_conf(params).model_dump(mode="json")
+            spec = sensitivity_from_conf(params)
+            check_default_target(spec, bench_targets(DEPLOYMENT.devices, DEPLOYMENT.benchmark_queue,
+                                                     DEPLOYMENT.benchmark_pool))
+            return spec.model_dump(mode="json")
         except SpecError as exc:  # deterministic: fail without retrying
             raise AirflowFailException(str(exc)) from None
 
@@ -65,17 +74,19 @@ with DAG(
     def benchmark(measured: dict) -> dict:
         from pruneflow.sensitivity import measure_latency
 
-        return measure_latency(measured, print)
+        return measure_latency(measured, print, worker={"queue": DEPLOYMENT.benchmark_queue})
 
     @task(execution_timeout=timedelta(minutes=10))
-    def write_profile(profile: dict, spec: dict) -> dict:
-        from pruneflow.sensitivity import SensitivitySpec, format_profile, save_profile
+    def write_profile(profile: dict, measured: dict, spec: dict) -> dict:
+        from pruneflow.sensitivity import SensitivitySpec, format_profile, record_points, save_profile
         from pruneflow.settings import reports_root
 
         db = SensitivitySpec.model_validate(spec).trial_spec().db
         files = save_profile(profile, db, reports_root() / "sensitivity" / profile["name"])
+        record_points(measured, print)
         print(format_profile(profile))
         return files
 
     spec = validate()
-    write_profile(benchmark(measure_points(spec)), spec)
+    measured = measure_points(spec)
+    write_profile(benchmark(measured), measured, spec)

@@ -30,8 +30,8 @@ class AutoSpace(BaseModel):
                          "`pruneflow sensitivity`)")
     tolerance: float = Field(1.0, ge=0, le=100, description="the largest recalibrated Top-1 drop (points) a "
                              "set's range may reach")
-    max_groups: int = Field(8, ge=1, le=64, description="at most this many groups: neighbouring sets of one "
-                            "stage are merged beyond it")
+    max_groups: int = Field(8, ge=1, le=64, description="beyond this many groups, neighbouring sets of one stage "
+                            "are merged (never across stages, so more groups remain when every stage is down to one)")
     min_saved_pct: float = Field(0.5, ge=0, le=100, description="sets saving less latency than this (percent of "
                                  "the dense model) within their range are left out")
     step: float | None = Field(None, gt=0, le=MAX_SPARSITY, description="grid step of every range (the grid "

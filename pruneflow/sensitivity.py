@@ -27,8 +27,8 @@ from pruneflow.constants import ID_PATTERN, MAX_SPARSITY
 from pruneflow.spec import SpecError, TrialSpec, format_validation_error
 
 __all__ = ["DEFAULT_GRID", "PROFILE_VERSION", "SensitivitySpec", "format_profile", "load_sensitivity",
-           "measure_latency", "measure_points", "parse_sensitivity", "plot_profile", "run_sensitivity",
-           "save_profile", "write_profile"]
+           "measure_latency", "measure_points", "parse_sensitivity", "plot_profile", "record_points",
+           "run_sensitivity", "save_profile", "write_profile"]
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROFILE_VERSION = 1
@@ -42,8 +42,8 @@ def _quiet(_msg: str) -> None:
 class SensitivitySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("sensitivity", pattern=ID_PATTERN, description="name of the profile (and prefix of its "
-                      "trial ids)")
+    name: str = Field("sensitivity", pattern=ID_PATTERN, max_length=80, description="name of the profile: the "
+                      "study of its points and the prefix of their trial ids")
     trial: dict[str, Any] = Field(default_factory=dict, description="trial spec every point starts from (model, "
                                   "dataset, baseline, benchmark, artifacts, db); its pruning groups must be empty")
     sparsities: list[float] = Field(list(DEFAULT_GRID), min_length=1, description="the sparsity grid each set is "
@@ -54,10 +54,14 @@ class SensitivitySpec(BaseModel):
     @field_validator("sparsities")
     @classmethod
     def _grid(cls, v: list[float]) -> list[float]:
-        bad = [s for s in v if not 0 <= s <= MAX_SPARSITY]
+        bad = [s for s in v if not 0 < s <= MAX_SPARSITY]
         if bad:
-            raise ValueError(f"{bad} outside [0, {MAX_SPARSITY}] (allowed: fractions of filters removed)")
-        return sorted({round(float(s), 6) for s in v if s > 0}) or [DEFAULT_GRID[0]]
+            raise ValueError(f"{bad} outside (0, {MAX_SPARSITY}] (allowed: fractions of filters removed; the dense "
+                             "model is measured anyway)")
+        fine = [s for s in v if abs(s * 1000 - round(s * 1000)) > 1e-6]
+        if fine:
+            raise ValueError(f"{fine}: at most 3 decimals (a point's id names its sparsity in thousandths)")
+        return sorted({round(float(s), 3) for s in v})
 
     def trial_spec(self) -> TrialSpec:
         """The base trial, validated: a rapid trial (0 fine-tuning epochs) with no pruning groups."""
@@ -93,19 +97,16 @@ def load_sensitivity(path: str | Path) -> SensitivitySpec:
 
 
 def _point_id(name: str, index: int, sparsity: float) -> str:
-    return f"{name}-set{index:02d}-s{round(sparsity * 100):02d}"
+    return f"{name}-set{index:02d}-s{round(sparsity * 1000):03d}"
 
 
 def _run_point(spec: TrialSpec, progress: Progress) -> dict:
-    """prepare .. export of one point; exported even at chance, since its latency belongs in the profile."""
+    """The torch stages of one point; exported even at chance, since its latency belongs in the profile."""
     from pruneflow import stages
 
-    stages.prepare(spec, progress)
-    stages.prune(spec, progress)
-    stages.thinnify(spec, progress)
-    out = stages.retrain(spec, progress)
-    stages.export(spec, progress)
-    return {"top1": out["top1"], "at_chance": bool(out["abandoned"]), "model": str(spec.trial_dir() / "model.xml")}
+    out = {stage: getattr(stages, stage)(spec, progress) for stage in stages.TORCH_STAGES}
+    return {"top1": out["retrain"]["top1"], "at_chance": bool(out["retrain"]["abandoned"]),
+            "model": str(spec.trial_dir() / "model.xml")}
 
 
 def measure_points(sens: SensitivitySpec, progress: Progress = _quiet) -> dict:
@@ -116,9 +117,10 @@ def measure_points(sens: SensitivitySpec, progress: Progress = _quiet) -> dict:
     from pruneflow.prune import coupled_sets
 
     t0 = time.perf_counter()
-    base = stages.resolve_spec(sens.trial_spec().model_copy(update={"trial_id": f"{sens.name}-dense"}))
+    base = stages.resolve_spec(TrialSpec.model_validate({**sens.trial_spec().model_dump(mode="json"),
+                                                         "trial_id": f"{sens.name}-dense", "name": sens.name,
+                                                         "study": sens.name}))
     plan = stages.check_plan(base)  # data set, model: before any work
-    stages.ensure_baseline(base, progress)
     data = stages._dataset(base)
     model = build_model(base.model.name, data.in_channels, data.num_classes, **base.model.kwargs)
     # numbered among all sets of the model, so a set keeps its name whatever ``sets`` selects
@@ -126,6 +128,7 @@ def measure_points(sens: SensitivitySpec, progress: Progress = _quiet) -> dict:
             if any(fnmatch.fnmatchcase(layer, pat) for layer in s for pat in sens.sets)}
     if not sets:
         raise SpecError(f"sets: {sens.sets} match no prunable layer of {base.model.name}")
+    stages.ensure_baseline(base, progress)
     n = len(sets) * len(sens.sparsities)
     progress(f"sensitivity {sens.name}: {len(sets)} coupled sets x {len(sens.sparsities)} sparsities = {n} points")
     dense = _run_point(base, progress)
@@ -146,10 +149,12 @@ def measure_points(sens: SensitivitySpec, progress: Progress = _quiet) -> dict:
             "points_s": round(time.perf_counter() - t0, 1)}
 
 
-def measure_latency(measured: dict, progress: Progress = _quiet) -> dict:
+def measure_latency(measured: dict, progress: Progress = _quiet, worker: dict | None = None) -> dict:
     """The torch-free half, on the device: every exported model and the dense one in ONE interleaved
-    benchmark run. Returns the profile."""
+    benchmark run; each point's measurement goes to its trial folder's latency.json (``worker`` as in
+    :func:`pruneflow.stages.benchmark`). Returns the profile."""
     from pruneflow.bench import BenchmarkOptions, compare
+    from pruneflow.stages import write_latency
 
     t0 = time.perf_counter()
     bench = measured["benchmark"]
@@ -158,6 +163,8 @@ def measure_latency(measured: dict, progress: Progress = _quiet) -> dict:
     progress(f"benchmark: {len(points) + 1} models, {options.rounds} rounds interleaved in one run")
     cmp = compare([dense["model"]] + [p["model"] for p in points], options,
                   labels=["dense"] + [p["label"] for p in points], progress=progress)
+    for m, path in zip(cmp["models"], [dense["model"]] + [p["model"] for p in points], strict=True):
+        write_latency(Path(path).parent, {k: v for k, v in m.items() if k != "label"}, worker)
     latency = {m["label"]: m["latency_ms"]["median"] for m in cmp["models"]}
     dense_ms = latency["dense"]
     sets: dict[str, dict] = {}
@@ -179,10 +186,24 @@ def measure_latency(measured: dict, progress: Progress = _quiet) -> dict:
             "duration_s": {"points": measured["points_s"], "benchmark": round(time.perf_counter() - t0, 1)}}
 
 
+def record_points(measured: dict, progress: Progress = _quiet) -> None:
+    """Record the dense model and every point as trials of the study named after the profile, in the
+    trial's results DB (each with its latency from the interleaved run; a point at chance ``abandoned``)."""
+    from pruneflow import stages
+
+    for model in [measured["dense"]["model"]] + [p["model"] for p in measured["points"]]:
+        spec = TrialSpec.model_validate_json((Path(model).parent / "spec.json").read_text())
+        stages.record(spec, _quiet)
+    progress(f"recorded {len(measured['points']) + 1} trials of study {measured['name']}")
+
+
 def run_sensitivity(sens: SensitivitySpec, progress: Progress = _quiet) -> dict:
-    """Both halves in this process (:func:`measure_points`, then :func:`measure_latency`). Returns the
-    profile; nothing is written but the points' trial folders (under the trial's ``artifacts``)."""
-    return measure_latency(measure_points(sens, progress), progress)
+    """Both halves in this process (:func:`measure_points`, then :func:`measure_latency`), then
+    :func:`record_points`. Returns the profile."""
+    measured = measure_points(sens, progress)
+    profile = measure_latency(measured, progress)
+    record_points(measured, progress)
+    return profile
 
 
 def format_profile(profile: dict) -> str:

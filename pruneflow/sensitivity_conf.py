@@ -39,9 +39,12 @@ def sensitivity_defaults() -> dict[str, Any]:
 
 
 def sensitivity_from_conf(conf: dict[str, Any] | None) -> SensitivitySpec:
-    """The SensitivitySpec of a prune_sensitivity conf (or run params); raises SpecError naming the key."""
+    """The SensitivitySpec of a prune_sensitivity conf; raises SpecError naming the key."""
     defaults = sensitivity_defaults()
-    conf = {**defaults, **{k: v for k, v in (conf or {}).items() if k in defaults}}
+    unknown = [k for k in (conf or {}) if k not in defaults]
+    if unknown:
+        raise SpecError(f"invalid sensitivity spec:\n  unknown conf keys {unknown} (known: {', '.join(defaults)})")
+    conf = {**defaults, **(conf or {})}
     trial = conf["trial"] or {}
     if not isinstance(trial, dict):
         raise SpecError("invalid sensitivity spec:\n  trial: expected a JSON object of prune_trial conf keys")
@@ -64,3 +67,15 @@ def check_local_artifacts() -> None:
     if settings.artifact_store_url():
         raise SpecError("PRUNEFLOW_ARTIFACTS: an object store; prune_sensitivity reads the points' files from a "
                         "local artifact root (allowed: a folder); run `pruneflow sensitivity` on the device's host")
+
+
+def check_default_target(spec: SensitivitySpec, targets) -> None:
+    """The profile is measured by the deployment's default benchmark target (the DAG's one benchmark task):
+    a trial whose device or ``bench_target`` routes elsewhere is refused before any point is measured."""
+    from pruneflow.bench_targets import route
+
+    trial = spec.trial_spec()
+    target = route(trial.benchmark.device, trial.benchmark.target, targets)
+    if target != targets[0]:
+        raise SpecError(f"trial.bench_target: prune_sensitivity measures on the deployment's default benchmark "
+                        f"target (allowed: {targets[0].name or 'empty'}); this trial routes to {target.name!r}")

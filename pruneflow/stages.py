@@ -414,14 +414,23 @@ def export(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     return {"onnx": str(onnx_path), "openvino": str(xml_path), "parity_max_abs_diff": worst}
 
 
+def write_latency(trial_dir: Path, result: dict, worker: dict | None = None) -> dict:
+    """latency.json of a measurement (:func:`pruneflow.bench.measure`, or one model of ``compare``), with
+    who measured it (see :func:`benchmark`); returns the result with its ``worker``."""
+    import sys
+
+    result["worker"] = {"host": result.get("host"), "queue": None, "env": sys.prefix, "python": sys.executable,
+                        "cpu_model": result.get("cpu_model"), **(worker or {})}
+    _write(trial_dir, "latency.json", result)
+    return result
+
+
 def benchmark(spec: TrialSpec, progress: Progress = _quiet, worker: dict | None = None) -> dict:
     """Torch-free: reads the exported model and the reference outputs, measures, writes latency.json.
 
     latency.json's ``worker`` says who measured: ``host``, ``queue`` (the Celery queue the task ran on,
     which only the caller knows: the operator passes its ``queue``), ``env`` (the Python environment,
     ``sys.prefix``), ``python`` and ``cpu_model``; ``worker`` given here adds to it or overrides it."""
-    import sys
-
     import numpy as np
 
     from pruneflow.bench import measure
@@ -433,9 +442,7 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet, worker: dict | None 
     ref = np.load(trial_dir / "reference.npz")
     result = measure(model_path, opts, check=(ref["input"], ref["output"]), check_atol=spec.export.parity_atol,
                      progress=lambda s: progress(f"benchmark: {s}"))
-    result["worker"] = {"host": result.get("host"), "queue": None, "env": sys.prefix, "python": sys.executable,
-                        "cpu_model": result.get("cpu_model"), **(worker or {})}
-    _write(trial_dir, "latency.json", result)
+    write_latency(trial_dir, result, worker)
     lat = result["latency_ms"]
     tput = result["throughput"]
     extra = (f", {tput['fps']:.1f} fps with {tput['requests']} requests in flight"
@@ -581,7 +588,7 @@ def abandoned_reason(spec: TrialSpec) -> str | None:
 
 
 #: The stages that run torch, in order; a rapid trial runs them in one task (:func:`prune_to_export`).
-TORCH_STAGES = ("prepare", "prune", "thinnify", "retrain", "export")
+TORCH_STAGES = ("prepare", *STAGES[:STAGES.index("benchmark")])
 
 
 def is_rapid(spec: TrialSpec) -> bool:

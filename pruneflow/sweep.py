@@ -143,6 +143,7 @@ def _resolve_auto_space(data: dict[str, Any]) -> dict[str, Any]:
     from pathlib import Path
 
     from pruneflow.auto_space import auto_space
+    from pruneflow.sensitivity import PROFILE_VERSION
 
     if not isinstance(data.get("auto"), dict):
         raise SweepError("auto: required with space: auto, e.g. {profile: out/sensitivity/NAME/profile.json, "
@@ -152,13 +153,19 @@ def _resolve_auto_space(data: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as exc:
         raise SweepError(format_validation_error(exc, prefix="auto.").replace("invalid trial spec", "invalid sweep")
                          ) from None
-    path = Path(auto.profile)
+    path = Path(auto.profile)  # relative: to the working directory
     try:
         profile = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SweepError(f"auto.profile: {path}: cannot read a sensitivity profile ({exc}); make one with "
                          "`pruneflow sensitivity SPEC.yaml`") from None
-    model = ((data.get("base") or {}).get("model") or {}).get("name", ModelSpec.model_fields["name"].default)
+    if not isinstance(profile, dict) or profile.get("version") != PROFILE_VERSION or not isinstance(
+            profile.get("sets"), list):
+        raise SweepError(f"auto.profile: {path} is not a sensitivity profile of version {PROFILE_VERSION} "
+                         "(profile.json of `pruneflow sensitivity`)")
+    base = data.get("base") if isinstance(data.get("base"), dict) else {}
+    model_spec = base.get("model") if isinstance(base.get("model"), dict) else {}
+    model = model_spec.get("name", ModelSpec.model_fields["name"].default)
     if profile.get("model") != model:
         raise SweepError(f"auto.profile: {path} profiles model {profile.get('model')!r}, the sweep prunes "
                          f"{model!r}")

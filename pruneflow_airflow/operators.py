@@ -391,7 +391,8 @@ def benchmark_task_id(target: BenchTarget) -> str:
 class RouteBenchmarkOperator(BaseBranchOperator):
     """Follow the benchmark task of the trial's target (:func:`pruneflow.bench_targets.route`: its
     ``benchmark.target``, else the legacy worker for MYRIAD, else the default) and skip the others.
-    Skipped itself, like the benchmark, when the trial was abandoned (its upstream export skipped)."""
+    Skipped itself when a fine-tuning trial was abandoned (export skipped); after a rapid trial abandoned
+    in prune_to_export it runs, and the benchmark it follows skips itself."""
 
     ui_color = "#fff0e0"
 

@@ -81,7 +81,7 @@ def test_sensitivity_and_auto_sweep_refuse_bad_input_before_any_work(tmp_path):
     bad.write_text(yaml.safe_dump({"name": "s", "sparsities": [0.5, 1.2],
                                    "trial": {"artifacts": str(tmp_path / "trials")}}))
     proc = pf("sensitivity", bad, check=False)
-    assert proc.returncode == 2 and "sparsities" in proc.stderr and "[0, 0.95]" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "sparsities" in proc.stderr and "(0, 0.95]" in proc.stderr, proc.stderr
     assert not (tmp_path / "trials").exists()  # nothing was pruned
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"study": "a", "space": "auto",

@@ -80,9 +80,13 @@ def test_space_auto_in_a_sweep_becomes_the_explicit_space_it_chose(tmp_path):
     ({"auto": {"tolerance": 0.0, "min_saved_pct": 50}}, "space: auto chose no group"),
     ({"auto": {"profile": "/nonexistent/profile.json"}}, "auto.profile: /nonexistent/profile.json: cannot read"),
     ({"base": {"model": {"name": "vgg11"}}}, "profiles model 'resnet20', the sweep prunes 'vgg11'"),
+    ({"auto": {"profile": "PLAIN"}}, "is not a sensitivity profile of version 1"),
 ])
 def test_space_auto_refuses_bad_input_with_the_field_named(tmp_path, change, message):
     data = _sweep(tmp_path)
+    (tmp_path / "plain.json").write_text("[1, 2]")
+    change = {k: {**v, "profile": str(tmp_path / "plain.json")} if isinstance(v, dict) and v.get("profile") == "PLAIN"
+              else v for k, v in change.items()}
     for key, value in change.items():
         if key == "auto" and value is not None:
             data["auto"] = {**data["auto"], **value}
@@ -94,7 +98,10 @@ def test_space_auto_refuses_bad_input_with_the_field_named(tmp_path, change, mes
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"sparsities": [0.5, 0.97]}, "sparsities"),
-    ({"sparsities": [-0.1]}, r"outside \[0, 0.95\]"),
+    ({"sparsities": [-0.1]}, r"outside \(0, 0.95\]"),
+    ({"sparsities": [0.0, 0.5]}, "the dense model is measured anyway"),
+    ({"sparsities": [0.125, 0.1254]}, "at most 3 decimals"),
+    ({"name": "n" * 81}, "name"),
     ({"trial": {"pruning": {"groups": [{"name": "g", "patterns": ["conv1"], "sparsity": 0.5}]}}},
      "trial.pruning.groups: a sensitivity run prunes each coupled set alone"),
     ({"trial": {"finetune": {"epochs": 2}}}, r"trial.finetune.epochs: 2.*allowed: 0"),
@@ -126,14 +133,19 @@ def test_sensitivity_on_a_tiny_model_gives_one_row_per_set_and_sparsity_and_its_
             assert p["latency_ms"] > 0
             assert p["latency_saved_ms"] == pytest.approx(profile["dense"]["latency_ms"] - p["latency_ms"], abs=1e-4)
     # every point was really pruned: its plan removed filters of its set's layers only
-    plan = json.loads((tmp_path / "trials" / f"tiny-{profile['sets'][0]['set']}-s50" / "plan.json").read_text())
+    plan = json.loads((tmp_path / "trials" / f"tiny-{profile['sets'][0]['set']}-s500" / "plan.json").read_text())
     pruned = {layer["layer"] for layer in plan["layers"] if layer["removed"]}
     assert pruned and pruned <= set(sets[0])
     files = save_profile(profile, spec_dict["db"], tmp_path / "out")
     assert json.loads((tmp_path / "out" / "profile.json").read_text()) == profile
     store = ResultsStore(spec_dict["db"])
     assert store.get_sensitivity("tiny") == profile
+    # the dense model and every point are trials of the study "tiny", with the interleaved run's latency
+    rows = {r["trial_id"]: r for r in store.list_trials(study="tiny")}
     store.close()
+    assert len(rows) == 1 + 2 * len(sets) and rows["tiny-dense"]["status"] == "succeeded"
+    assert rows["tiny-dense"]["latency_median_ms"] == pytest.approx(profile["dense"]["latency_ms"], abs=1e-5)
+    assert all(r["status"] in ("succeeded", "abandoned") and r["latency_median_ms"] > 0 for r in rows.values())
     assert (tmp_path / "out" / "sensitivity.png").stat().st_size > 1000
     table = (tmp_path / "out" / "profile.txt").read_text().splitlines()
     assert len(table) == 3 + len(sets) * 2 and files["plot"].endswith("sensitivity.png")
