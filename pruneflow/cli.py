@@ -73,11 +73,14 @@ def _trial_table(rows: list[dict]) -> str:
         ("params", "params"), ("macs", "MACs"), ("top1_masked", "Top-1 pruned"),
         ("top1_recalibrated", "Top-1 recal."), ("top1_final", "Top-1 final"), ("top1_source", "final is"),
         ("latency_median_ms", "median ms"), ("latency_cv", "CV")]
+    if any(r.get("latency_predicted_ms") is not None for r in rows):
+        cols.append(("latency_predicted_ms", "predicted ms"))
     fmt = {"latency_cv": lambda v: "-" if v is None else f"{100 * v:.1f}%",
            "top1_masked": lambda v: "-" if v is None else f"{v:.2f}",
            "top1_recalibrated": lambda v: "-" if v is None else f"{v:.2f}",
            "top1_final": lambda v: "-" if v is None else f"{v:.2f}",
-           "latency_median_ms": lambda v: "-" if v is None else f"{v:.3f}"}
+           "latency_median_ms": lambda v: "-" if v is None else f"{v:.3f}",
+           "latency_predicted_ms": lambda v: "-" if v is None else f"{v:.3f}"}
     return format_table(out, cols, fmt)
 
 
@@ -209,6 +212,36 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
+def cmd_latency_table(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from pruneflow.latency_model import build_table
+    from pruneflow.sweep import SweepError, parse_sweep
+
+    path = Path(args.sweep)
+    if not path.is_file():
+        raise SweepError(f"sweep file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    # the table is what latency_model.table will name: the sweep is read without it
+    target = (data.pop("latency_model", None) or {}).get("table") if isinstance(data, dict) else None
+    sweep = parse_sweep(data)
+    out = Path(args.out) if args.out else Path(target).parent if target else Path(f"out/latency/{sweep.study}")
+    table = build_table(sweep, out, _Progress())
+    if args.json:
+        print(json.dumps({k: table[k] for k in ("model", "device", "precision", "threads", "dense", "build_s")}
+                         | {"shapes": len(table["entries"]), "table": str(out / "table.json")}, indent=2))
+        return 0
+    print(f"latency table of {table['model']} on {table['backend']}/{table['device']} {table['precision']}, "
+          f"{table['threads']} thread(s): {len(table['entries'])} layer shapes over {len(table['groups'])} groups, "
+          f"built in {table['build_s']['total']} s")
+    print(f"dense model: {table['dense']['measured_ms']:.4f} ms measured, {table['dense']['lut_ms']:.4f} ms summed "
+          "from the table (the correction fitted on the sweep's measured trials bridges the two)")
+    print(f"table: {out / 'table.json'}  (latency_model: {{table: {out / 'table.json'}}} in the sweep spec)")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from pruneflow.sweep import load_sweep, run_sweep
 
@@ -306,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_sensitivity)
 
+    lt = sub.add_parser("latency-table", help="measure the per-layer latency table of a sweep's space on its "
+                        "benchmark device (for latency_model in the sweep spec)")
+    lt.add_argument("sweep", help="sweep spec YAML (its model, space and base.benchmark)")
+    lt.add_argument("--out", help="output folder (default: the folder latency_model.table names, else "
+                    "out/latency/STUDY)")
+    lt.add_argument("--json", action="store_true")
+    lt.set_defaults(func=cmd_latency_table)
+
     rp = sub.add_parser("report", help="write a study's HTML report, PNG plots and CSV")
     rp.add_argument("study")
     rp.add_argument("--db", default=DEFAULT_DB, help="results DB URL (holds the study's search state too)")
@@ -313,10 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_report)
 
+    from pruneflow.store import STATUSES
+
     r = sub.add_parser("trials", help="list recorded trials")
     r.add_argument("--db", default=DEFAULT_DB)
     r.add_argument("--study")
-    r.add_argument("--status", choices=["running", "succeeded", "failed", "abandoned"])
+    r.add_argument("--status", choices=list(STATUSES))
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_trials)
 

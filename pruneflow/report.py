@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from pruneflow import analysis
+from pruneflow.store import STATUSES
 
 
 def load_sweep_of_study(db_url: str, study: str):
@@ -143,6 +144,7 @@ def best_trial_spec(best: dict) -> dict:
 
 
 CSV_COLUMNS = ["trial_id", "status", "reason", "stage", "parent", "latency_median_ms", "latency_p90_ms", "latency_cv",
+               "latency_predicted_ms",
                "top1_masked", "top1_recalibrated", "top1_final", "top1_source", "params_after", "macs_after",
                "epochs_run", "artifact_dir"]
 
@@ -182,7 +184,7 @@ def write_report(db_url: str, study: str, out_dir: str | Path) -> dict:
     }
     summary = {
         "study": study, "objective": sweep.objective, "trials": len(rows),
-        "by_status": {s: sum(r["status"] == s for r in rows) for s in ("succeeded", "failed", "abandoned", "running")},
+        "by_status": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
         "best": [{"trial_id": r["trial_id"], "latency_median_ms": r["latency_median_ms"], "top1_final": r["top1_final"],
                   "targets": r["targets"]} for r in best],
         "trials_to_best": to_best, "correlations": corr, "compute_saved": saved, "prediction": quality,
@@ -252,6 +254,7 @@ def _html(sweep, rows, best, corr, figs, to_best, saved, best_spec, groups, qual
         f"<td>{e(r['trial_id'])}{' (dense)' if r['dense'] else ''}</td><td>{e(r['status'])}</td>"
         + "".join(f"<td>{r['targets'].get(g, 0.0):.2f}</td>" for g in groups)
         + f"<td>{r.get('stage') or 0}</td><td>{_fmt(r.get('latency_median_ms'))}</td>"
+        f"<td>{_fmt(r.get('latency_predicted_ms'))}</td>"
         f"<td>{_fmt(r.get('top1_masked'), '.2f')}</td><td>{_fmt(r.get('top1_recalibrated'), '.2f')}</td>"
         f"<td>{_fmt(r.get('top1_final'), '.2f')}</td><td>{r.get('macs_after') or '-'}</td>"
         f"<td>{e(r.get('reason') or '')}</td><td><code>{e(r.get('artifact_dir') or '')}</code></td></tr>"
@@ -264,6 +267,8 @@ def _html(sweep, rows, best, corr, figs, to_best, saved, best_spec, groups, qual
     recovery = figs["recovery"] or "<p>No fine-tuned trials in this study.</p>"
     spec_text = e(yaml.safe_dump(best_spec, sort_keys=False)) if best_spec else "no feasible trial yet"
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    n_skipped = sum(r["status"] == "skipped" for r in rows)
+    skipped_text = f", {n_skipped} skipped: predicted infeasible, never measured" if n_skipped else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pruneflow report: {e(sweep.study)}</title>
 <style>
@@ -275,7 +280,7 @@ svg{{max-width:100%;height:auto}} img{{max-width:100%}} pre{{background:#f6f6f6;
 <h1>Study {e(sweep.study)}</h1>
 <p>Objective <b>{e(sweep.objective)}</b>{e(constraint)}; sampler {e(sweep.sampler)}; {len(rows)} trials
 ({sum(r['status'] == 'succeeded' for r in rows)} succeeded, {sum(r['status'] == 'failed' for r in rows)} failed,
-{sum(r['status'] == 'abandoned' for r in rows)} stopped early). Generated {generated}.</p>
+{sum(r['status'] == 'abandoned' for r in rows)} stopped early{skipped_text}). Generated {generated}.</p>
 <h2>Best for the objective</h2><ul>{best_list}</ul>
 <p>Trials needed to reach the final best: {to_best if to_best is not None else '-'}.
 Early stopping saved {saved['epochs_saved']} fine-tuning epochs (about {saved['seconds_saved']:.0f} s)
@@ -295,7 +300,7 @@ over {saved['stopped_trials']} trials.</p>
 <code>pruneflow trial best_spec.yaml</code>.</p><pre>{spec_text}</pre>
 <h2>All trials</h2>
 <table><tr><th>trial</th><th>status</th>{''.join(f'<th>{e(g)}</th>' for g in groups)}<th>stage</th><th>latency ms</th>
-<th>Top-1 pruned</th><th>Top-1 recalibrated</th><th>Top-1 final</th><th>MACs</th><th>reason</th><th>artifacts</th></tr>
+<th>predicted ms</th><th>Top-1 pruned</th><th>Top-1 recalibrated</th><th>Top-1 final</th><th>MACs</th><th>reason</th><th>artifacts</th></tr>
 {trial_rows}</table>
 <p>Data: <a href="trials.csv">trials.csv</a>.</p>
 </body></html>

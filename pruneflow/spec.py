@@ -159,6 +159,8 @@ class SweepLink(_Strict):
         False, description="a screen trial of a sweep with promotion stages: a recalibrated Top-1 at chance does not "
         "abandon it, because fine-tuning recovers such configurations (benchmarks/RESULTS.md, recovery_prediction)")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    predicted_latency_ms: float | None = Field(None, ge=0, description="the latency the sweep's latency model "
+                                               "predicted before the trial ran (recorded beside the measured one)")
 
 
 class TrialSpec(_Strict):

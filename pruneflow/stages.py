@@ -507,6 +507,7 @@ def record(spec: TrialSpec, progress: Progress = _quiet, status: str | None = No
         epochs_run=retrain_res.get("epochs_run"),
         latency_median_ms=lat.get("latency_ms", {}).get("median"), latency_p90_ms=lat.get("latency_ms", {}).get("p90"),
         latency_cv=lat.get("round_median_cv"),
+        latency_predicted_ms=spec.sweep.predicted_latency_ms if spec.sweep else None,
         bench_host=bench_worker.get("host"), bench_queue=bench_worker.get("queue"), bench_env=bench_worker.get("env"),
         results_json={k: v for k, v in res.items() if k not in ("plan",)},
     )

@@ -36,7 +36,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pruneflow.migrations import HEAD, VERSION_TABLE
 
-STATUSES = ("running", "succeeded", "failed", "abandoned")
+#: skipped: a sweep candidate not run, its latency predicted to miss the bound (pruneflow.sweep)
+STATUSES = ("running", "succeeded", "failed", "abandoned", "skipped")
 
 
 class Base(DeclarativeBase):
@@ -79,6 +80,8 @@ class Trial(Base):
     latency_median_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     latency_p90_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     latency_cv: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # what the sweep's latency model predicted before the trial ran (pruneflow.latency_model)
+    latency_predicted_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     # who measured the latency: the benchmark worker's host, Celery queue and Python environment (sys.prefix)
     bench_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
     bench_queue: Mapped[str | None] = mapped_column(String(255), nullable=True)

@@ -21,9 +21,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pruneflow.analysis import best_rows, budget_ms, promotion_order, study_rows
+from pruneflow.analysis import (
+    best_rows,
+    budget_ms,
+    dense_row,
+    feasible,
+    measured,
+    promotion_order,
+    study_rows,
+)
 from pruneflow.auto_space import AutoSpace
 from pruneflow.constants import MAX_SPARSITY
+from pruneflow.latency_model import LatencyModelSpec
 from pruneflow.spec import (
     EarlyStopping,
     Id,
@@ -72,6 +81,11 @@ class PromotionStage(_Strict):
     lr: float | None = Field(None, gt=0, le=10, description="fine-tuning learning rate (default: the base trial's)")
 
 
+#: Objectives with a latency bound a prediction can miss: the budget, or the best feasible latency so far
+SKIPPABLE = ("top1_under_latency", "latency_over_top1")
+#: A lane runs the candidate after this many skipped in a row, so a sweep whose bound nothing meets ends
+MAX_SKIPS = 20
+
 #: Objectives whose ranking changes with fine-tuning (Top-1 is part of them): promotion means something.
 PROMOTABLE = ("top1", "top1_under_latency", "latency_over_top1", "pareto")
 
@@ -98,6 +112,9 @@ class SweepSpec(_Strict):
     seed: int = Field(0, ge=0, description="sampler seed")
     include_dense: bool = Field(True, description="measure the dense model first (reference and Pareto mark)")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    latency_model: LatencyModelSpec | None = Field(
+        None, description="predict each trial's latency before it is measured (a table of `pruneflow latency-table`) "
+        "and, with skip_infeasible, do not run candidates predicted to miss the budget; a sweep spec file only")
     promote: list[PromotionStage] = Field(
         default_factory=list, description="screen, then fine-tune: after the rapid trials, each stage fine-tunes "
         "the previous stage's best `top` trials for `epochs` (successive halving), e.g. "
@@ -117,6 +134,9 @@ class SweepSpec(_Strict):
         if self.promote and self.objective not in PROMOTABLE:
             raise ValueError(f"promote: objective {self.objective!r} does not rank by Top-1, so fine-tuning cannot "
                              f"change which trial is best (promote with: {', '.join(PROMOTABLE)})")
+        if self.latency_model and self.latency_model.skip_infeasible and self.objective not in SKIPPABLE:
+            raise ValueError(f"latency_model.skip_infeasible: objective {self.objective!r} has no latency bound to "
+                             f"miss (allowed with: {', '.join(SKIPPABLE)})")
         if self.sampler == "grid":
             missing = [r.name for r in self.space if r.step is None]
             if missing:
@@ -190,7 +210,31 @@ def parse_sweep(data: dict[str, Any]) -> SweepSpec:
         sweep.trial_spec()
     except ValidationError as exc:
         raise SweepError(format_validation_error(exc, prefix="base.").replace("invalid trial spec", "invalid sweep")) from None
+    if sweep.latency_model is not None:
+        from pruneflow.latency_model import check_table
+
+        try:
+            check_table(latency_table(sweep), sweep, sweep.latency_model.table)
+        except ValueError as exc:
+            raise SweepError(f"invalid sweep:\n  {exc}") from None
     return sweep
+
+
+def latency_table(sweep: SweepSpec) -> dict:
+    """The sweep's latency table (read once per process and version of the file)."""
+    path = sweep.latency_model.table
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        mtime = 0  # load_table names the missing file
+    return _read_table(path, mtime)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_table(path: str, _mtime: int) -> dict:
+    from pruneflow.latency_model import load_table
+
+    return load_table(path)
 
 
 def load_sweep(path) -> SweepSpec:
@@ -316,14 +360,17 @@ def _fraction_budget(sweep: SweepSpec) -> bool:
     return sweep.latency_budget is not None and sweep.latency_budget.unit == "fraction"
 
 
-def _trial_spec_for(sweep: SweepSpec, number: int, params: dict[str, float]) -> dict:
-    """The trial spec (a JSON-able dict) that runs the asked trial ``number`` with these sparsities."""
+def _trial_spec_for(sweep: SweepSpec, number: int, params: dict[str, float], predicted: float | None = None) -> dict:
+    """The trial spec (a JSON-able dict) that runs the asked trial ``number`` with these sparsities (and the
+    latency the sweep's latency model predicted for it, recorded beside the measured one)."""
     base = sweep.trial_spec().model_dump(mode="json")
     base["pruning"]["groups"] = [{"name": r.name, "patterns": list(r.patterns), "sparsity": float(params[r.name])}
                                  for r in sweep.space if params[r.name] > 0]
     base.update({"name": sweep.study, "trial_id": trial_id_for(sweep, number), "study": sweep.study,
                  "sweep": {"optuna_trial_number": number, "keep_at_chance": bool(sweep.promote),
                            "early_stopping": sweep.early_stopping.model_dump()}})
+    if predicted is not None:
+        base["sweep"]["predicted_latency_ms"] = predicted
     return base
 
 
@@ -427,14 +474,86 @@ def check_lanes(sweep: SweepSpec, run_key: str, planned: int, finished: int, pro
                      "(their run_trials task logs say why); their unfinished trials were told failed")
 
 
-def _ask(sweep: SweepSpec, study, slot: str | None, run_key: str) -> dict:
-    trial = study.ask(_distributions(sweep))
-    tid = trial_id_for(sweep, trial.number)
-    trial.set_user_attr("trial_id", tid)
-    trial.set_user_attr("sweep_run", run_key)
-    if slot is not None:
-        trial.set_user_attr("slot", slot)
-    return _trial_spec_for(sweep, trial.number, trial.params)
+class _LatencyState:
+    """What the sweep's latency model knows at an ask: the model fitted on the study's measured trials, its
+    measured error (the largest relative error of the predictions recorded beside measurements) over how many
+    trials, and the latency bound a candidate must meet (None: none known yet)."""
+
+    def __init__(self, sweep: SweepSpec):
+        from pruneflow.latency_model import LatencyModel
+
+        rows = study_rows(storage_url(sweep), sweep.study)
+        done = measured(rows)
+        self.spec = sweep.latency_model
+        self.model = LatencyModel(latency_table(sweep), [(r["targets"], r["latency_median_ms"]) for r in done],
+                                  self.spec.method)
+        checked = [r for r in done if r.get("latency_predicted_ms") is not None]
+        self.n = len(checked)
+        self.error = max((abs(r["latency_predicted_ms"] - r["latency_median_ms"]) / r["latency_median_ms"]
+                          for r in checked), default=None)
+        self.bound, self.what = None, ""
+        if sweep.objective == "top1_under_latency":
+            dense = dense_row(rows)
+            self.bound, self.what = budget_ms(sweep, dense["latency_median_ms"] if dense else None), "the budget"
+        elif sweep.objective == "latency_over_top1":
+            ok = feasible(sweep, rows)
+            self.bound = min((r["latency_median_ms"] for r in ok), default=None)
+            self.what = "the best measured feasible latency"
+
+    def skip_reason(self, predicted: float) -> str | None:
+        """Why a candidate predicted at ``predicted`` ms is not run, or None to run it."""
+        if not self.spec.skip_infeasible or self.n < self.spec.min_measured or self.bound is None:
+            return None
+        if predicted <= self.bound * (1 + self.error):
+            return None
+        return (f"predicted infeasible: {predicted:.4f} ms predicted, above {self.what} {self.bound:.4f} ms by more "
+                f"than the latency model's measured error {100 * self.error:.1f}% (the largest of {self.n} trials)")
+
+
+def _skip(sweep: SweepSpec, study, trial, predicted: float, reason: str, bound: float) -> dict:
+    """Record a candidate not run (status ``skipped``) and tell the search it is infeasible, its constraint
+    being the predicted excess over the bound (ms); the objective gets the worst Top-1 (0) or its predicted
+    latency."""
+    from pruneflow.store import ResultsStore
+
+    spec = _trial_spec_for(sweep, trial.number, trial.params, predicted)
+    store = ResultsStore(storage_url(sweep))
+    try:
+        store.upsert_trial(spec["trial_id"], status="skipped", reason=reason, name=sweep.study, study=sweep.study,
+                           model=spec["model"]["name"], dataset=spec["dataset"]["name"], spec_json=spec,
+                           latency_predicted_ms=predicted)
+    finally:
+        store.close()
+    trial.set_user_attr("reason", reason)
+    trial.set_user_attr("constraint", predicted - bound)
+    trial.set_constraint(sweep.objective, predicted - bound)
+    study.tell(trial, [0.0] if sweep.objective == "top1_under_latency" else [predicted])
+    return spec
+
+
+def _ask(sweep: SweepSpec, study, slot: str | None, run_key: str, progress: Progress | None = None) -> dict:
+    """Ask the search for a trial to run. With a latency model each candidate's latency is predicted first
+    and, with skip_infeasible, one predicted to miss the bound is recorded skipped and another is asked (at
+    most :data:`MAX_SKIPS` in a row); the dense model is always run."""
+    state = _LatencyState(sweep) if sweep.latency_model else None
+    for skipped in range(MAX_SKIPS + 1):
+        trial = study.ask(_distributions(sweep))
+        tid = trial_id_for(sweep, trial.number)
+        trial.set_user_attr("trial_id", tid)
+        trial.set_user_attr("sweep_run", run_key)
+        if slot is not None:
+            trial.set_user_attr("slot", slot)
+        if state is None:
+            return _trial_spec_for(sweep, trial.number, trial.params)
+        predicted = round(state.model.predict(trial.params), 6)
+        trial.set_user_attr("predicted_latency_ms", predicted)
+        reason = None if trial.user_attrs.get("dense") or skipped == MAX_SKIPS else state.skip_reason(predicted)
+        if reason is None:
+            return _trial_spec_for(sweep, trial.number, trial.params, predicted)
+        _skip(sweep, study, trial, predicted, reason, state.bound)
+        if progress:
+            progress(f"skip {tid}: {reason}")
+    raise AssertionError("unreachable: the last candidate is always run")
 
 
 def current_trial(sweep: SweepSpec, items: list[dict], run_key: str, progress: Progress | None = None) -> dict | None:
@@ -462,13 +581,13 @@ def current_trial(sweep: SweepSpec, items: list[dict], run_key: str, progress: P
             with ask_lock(sweep):
                 if t is not None:
                     study.enqueue_trial({r.name: 0.0 for r in sweep.space}, user_attrs={"dense": True})
-                spec = _ask(sweep, study, key, run_key)
+                spec = _ask(sweep, study, key, run_key, progress)
             if progress:
                 progress(f"ask {spec['trial_id']} (slot {key}): "
                          + (", ".join(f"{g['name']} {g['sparsity']:.3f}" for g in spec["pruning"]["groups"]) or "dense"))
             return spec
         if not t.state.is_finished():
-            return _trial_spec_for(sweep, t.number, t.params)
+            return _trial_spec_for(sweep, t.number, t.params, t.user_attrs.get("predicted_latency_ms"))
     return None
 
 
@@ -648,9 +767,10 @@ def run_sweep(sweep: SweepSpec, progress: Progress = lambda _m: None,
 
 
 def summarize(sweep: SweepSpec) -> dict:
+    from pruneflow.store import STATUSES
 
     rows = study_rows(storage_url(sweep), sweep.study)
     return {"study": sweep.study, "objective": sweep.objective, "trials": len(rows),
-            "by_status": {s: sum(r["status"] == s for r in rows) for s in ("succeeded", "failed", "abandoned")},
+            "by_status": {s: sum(r["status"] == s for r in rows) for s in STATUSES if s != "running"},
             "best": [r["trial_id"] for r in best_rows(sweep, rows)]}
 

@@ -45,9 +45,10 @@ EXTRA_KEYS: dict[str, dict[str, Any]] = {
 
 @functools.lru_cache(maxsize=1)
 def sweep_conf_keys() -> tuple[ConfKey, ...]:
-    # auto (space: auto) is read from a sweep spec file only: a conf names no profile path
+    # auto (space: auto) and latency_model are read from a sweep spec file only: a conf names no file path
     keys = generate_keys(SweepSpec, _NAMES, _SECTION_OF, _FORM_DEFAULTS,
-                         {("latency_budget",), ("early_stopping",), ("auto",)}, skip={("base",), ("auto",)})
+                         {("latency_budget",), ("early_stopping",), ("auto",), ("latency_model",)},
+                         skip={("base",), ("auto",), ("latency_model",)})
     keys += [ConfKey(k, (), v["section"], v["title"], v["description"], v["default"], v["schema"])
              for k, v in EXTRA_KEYS.items()]
     return check_unique(keys)

@@ -65,7 +65,7 @@ def test_report_matches_independent_values(fixture_db, tmp_path):
     best = max(feasible, key=lambda f: f[6])
     assert best[0] == "f-0002"
     assert [b["trial_id"] for b in summary["best"]] == [best[0]]
-    assert summary["by_status"] == {"succeeded": 6, "failed": 1, "abandoned": 1, "running": 0}
+    assert summary["by_status"] == {"succeeded": 6, "failed": 1, "abandoned": 1, "running": 0, "skipped": 0}
     assert summary["compute_saved"]["epochs_saved"] == 1 and summary["compute_saved"]["seconds_saved"] == 2.0
     # files: self-contained HTML with the linked Pareto plot, PNGs, CSV, the best spec ready to re-run
     page = (out / "report.html").read_text()

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
     from sqlalchemy.engine import Connection, Engine
 
-HEAD = "0005"  # the newest revision in versions/: ResultsStore's cheap check compares against it
+HEAD = "0006"  # the newest revision in versions/: ResultsStore's cheap check compares against it
 VERSION_TABLE = "pf_alembic_version"
 BASELINE = "0001"  # the schema of databases made before migrations existed
 LEGACY_TABLES = frozenset({"pf_trials", "pf_epochs", "pf_benchmarks"})
