@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from pruneflow.services import ServiceError, Services, free_port, port_open, write_private
+from pruneflow.services import ServiceError, Services, free_port, port_open, start_ticks, write_private
 
 # The repository (dags/, plugins/, out/); PRUNEFLOW_HOME points elsewhere, e.g. a deployed copy.
 REPO = Path(os.environ.get("PRUNEFLOW_HOME") or Path(__file__).resolve().parents[1]).resolve()
@@ -492,7 +492,8 @@ def _read_pid(home: Home, name: str) -> Proc | None:
     try:
         pid_s, start_s = home.pidfile(name).read_text().split()[:2]
         pid = int(pid_s)
-        # A pid file of an earlier pruneflow holds the start in clock ticks after boot.
+        # Clock ticks after boot (services.start_ticks), turned into psutil's create_time as it is now, so a
+        # stepped wall clock moves both alike; a pid file of an earlier pruneflow holds seconds since the epoch.
         start = float(start_s) if "." in start_s else psutil.boot_time() + int(start_s) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError):
         return None
@@ -567,9 +568,10 @@ def _start(home: Home, name: str, args: list[str] | None = None, extra_env: dict
         log.close()
     try:
         p = Proc.of(psutil.Process(proc.pid))
+        ticks = start_ticks(p.ps)
     except psutil.Error:  # gone already: `up` reports it with its log
-        p = Proc(proc.pid, 0.0)
-    home.pidfile(name).write_text(f"{p.pid} {p.start!r}\n")
+        p, ticks = Proc(proc.pid, 0.0), 0
+    home.pidfile(name).write_text(f"{p.pid} {ticks}\n")
     return p
 
 def health(url: str, timeout: float = 3.0) -> dict | None:

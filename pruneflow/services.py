@@ -39,6 +39,21 @@ RESULTS_DB = "pruneflow"
 SECRET_KEYS = ("redis_password", "postgres_password", "jwt_secret", "fernet_key", "secret_key")
 
 
+
+def start_ticks(ps: psutil.Process) -> int:
+    """A process's start in clock ticks after boot, as a pid file records it. psutil's create_time() is the
+    boot time plus these ticks, and the boot time is derived from the wall clock: when the clock is stepped
+    (a paused and resumed VM, NTP) every process's create_time moves with it, the ticks do not."""
+    return round((ps.create_time() - psutil.boot_time()) * os.sysconf("SC_CLK_TCK"))
+
+
+def same_start(ps: psutil.Process, recorded: str) -> bool:
+    """Whether ``ps`` started when a pid file says: clock ticks after boot, or (pid files of an earlier
+    pruneflow) seconds since the epoch, within a second."""
+    if "." in recorded:
+        return abs(ps.create_time() - float(recorded)) <= 1.0
+    return abs(start_ticks(ps) - int(recorded)) <= 1
+
 class ServiceError(RuntimeError):
     pass
 
@@ -258,7 +273,7 @@ class Services:
             return None
         try:
             ps = psutil.Process(pid)
-            if name == "redis" and len(lines) > 1 and abs(ps.create_time() - float(lines[1])) > 1.0:
+            if name == "redis" and len(lines) > 1 and not same_start(ps, lines[1]):
                 return None
             cmd = " ".join(ps.cmdline())
             if ps.status() == psutil.STATUS_ZOMBIE or ("redis" if name == "redis" else "postgres") not in cmd:
@@ -291,7 +306,7 @@ class Services:
                                         stderr=subprocess.STDOUT, cwd=str(self.redis_dir), start_new_session=True)
             finally:
                 log.close()
-            self.pidfiles["redis"].write_text(f"{proc.pid} {psutil.Process(proc.pid).create_time()!r}\n")
+            self.pidfiles["redis"].write_text(f"{proc.pid} {start_ticks(psutil.Process(proc.pid))}\n")
             started.append(f"redis (pid {proc.pid}, port {ports['redis']})")
         if self.pid("postgres") is None:
             self._check_traversable()

@@ -119,7 +119,7 @@ def test_marked_processes_and_their_descendants_are_found_and_stopped(procs, tmp
     assert psutil.Process(plain.pid).is_running()
 
 
-def test_components_come_from_pid_files_and_a_reused_pid_is_not_one(procs, tmp_path):
+def test_components_come_from_pid_files_and_a_reused_pid_is_not_one(procs, tmp_path, monkeypatch):
     home = Home(tmp_path / "home")
     home.run.mkdir(parents=True)
     # a stand-in component: its own process group leader, "airflow" in its command line, the marker set
@@ -137,6 +137,20 @@ def test_components_come_from_pid_files_and_a_reused_pid_is_not_one(procs, tmp_p
     # the same pid with another start time is another process: not a component
     home.pidfile("dag-processor").write_text(f"{comp.pid} {start - 1000!r}\n")
     assert airflow_cli.running(home) == {"scheduler": comp.pid}
+
+    # The wall clock stepped by 15 s (a paused and resumed VM: the full suite once lost every component so,
+    # `up` then found its own API server's port taken). Psutil's create_time moves with the boot time it is
+    # derived from; a pid file in clock ticks after boot (what `up` writes) still matches, one in epoch
+    # seconds no longer does.
+    from pruneflow.services import start_ticks
+
+    home.pidfile("triggerer").write_text(f"{comp.pid} {start_ticks(psutil.Process(comp.pid))}\n")
+    assert airflow_cli.running(home) == {"scheduler": comp.pid, "triggerer": comp.pid}
+    booted = psutil._psplatform.boot_time()
+    monkeypatch.setattr(psutil._psplatform, "boot_time", lambda: booted + 15.0)
+    assert airflow_cli.running(home) == {"triggerer": comp.pid}
+    monkeypatch.undo()
+    home.pidfile("triggerer").unlink()
 
     airflow_cli.stop(home, grace=5, say=lambda *_: None)
     assert airflow_cli.running(home) == {} and airflow_cli.server_processes(home) == []

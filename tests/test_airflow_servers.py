@@ -55,6 +55,8 @@ def test_up_is_healthy_idempotent_and_keeps_its_password(airflow_servers: Airflo
 
     pids = s.running()
     assert set(pids) == set(airflow_cli.COMPONENTS)
+    # each pid file: the pid and its start in clock ticks after boot (unmoved by a stepped wall clock)
+    assert all(airflow_cli.Home(s.home).pidfile(n).read_text().split()[1].isdigit() for n in pids)
     again = s.pruneflow("up", "--port", str(s.port))
     assert again.returncode == 0, again.stderr
     assert "already running" in again.stdout and s.password not in again.stdout
