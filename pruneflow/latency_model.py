@@ -174,8 +174,10 @@ def measure_entries(shapes: dict[str, dict], options, dense_model: str | Path | 
             labels.append(key)
         progress(f"latency table: {len(keys)} layer shapes{' and the dense model' if dense_model else ''}, "
                  f"{options.rounds} rounds interleaved in one run")
+        # "round r/N" only: the round lines of compare() list every model, hundreds of them here
         cmp = compare(paths, options, labels=labels,
-                      progress=lambda m: progress(m) if m.startswith("round") else None)
+                      progress=lambda m: progress(f"latency table: {m.split(':', 1)[0]}") if m.startswith("round")
+                      else None)
     ms = {m["label"]: m["latency_ms"]["median"] for m in cmp["models"]}
     return {"entries": {k: round(ms[k], 6) for k in keys}, "dense_ms": ms.get("dense"),
             "round_median_cv": max((m.get("round_median_cv") or 0.0) for m in cmp["models"]),
