@@ -225,7 +225,8 @@ def cmd_latency_table(args) -> int:
         raise SweepError(f"sweep file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
     # the table is what latency_model.table will name: the sweep is read without it
-    target = (data.pop("latency_model", None) or {}).get("table") if isinstance(data, dict) else None
+    named = data.pop("latency_model", None) if isinstance(data, dict) else None
+    target = named.get("table") if isinstance(named, dict) else None
     sweep = parse_sweep(data)
     out = Path(args.out) if args.out else Path(target).parent if target else Path(f"out/latency/{sweep.study}")
     table = build_table(sweep, out, _Progress())
