@@ -32,6 +32,9 @@ def layer_signatures(model: nn.Module, input_shape: list[int]) -> dict[str, dict
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
+            if isinstance(m.padding, str):
+                raise PlanError(f"latency table: {name} gives its padding as {m.padding!r}; give it in pixels")
+
             def conv_hook(mod, inp, _out, name=name):
                 _, c, h, w = inp[0].shape
                 sigs[name] = {"kind": "conv", "in": int(c), "out": mod.out_channels, "h": int(h), "w": int(w),
@@ -51,8 +54,6 @@ def layer_signatures(model: nn.Module, input_shape: list[int]) -> dict[str, dict
         for h in hooks:
             h.remove()
         model.train(was_training)
-    if any(s["kind"] == "conv" and (isinstance(s["pad"], str)) for s in sigs.values()):
-        raise PlanError("latency table: padding given as a string is not supported; give it in pixels")
     return sigs
 
 

@@ -191,10 +191,9 @@ def table_groups(sweep) -> list[dict]:
     """Each group of the sweep's space with the grid the table measures (its step, or DEFAULT_STEP)."""
     out = []
     for r in sweep.space:
-        step = r.step or DEFAULT_STEP
-        n = int((r.high - r.low) / step + 1e-9)
-        grid = sorted({0.0, *(round(r.low + i * step, 6) for i in range(n + 1)), round(r.high, 6)})
-        out.append({"name": r.name, "patterns": list(r.patterns), "grid": grid})
+        steps = r.model_copy(update={"step": r.step or DEFAULT_STEP}).grid()
+        out.append({"name": r.name, "patterns": list(r.patterns),
+                    "grid": sorted({0.0, *steps, round(r.high, 6)})})
     return out
 
 
