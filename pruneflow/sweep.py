@@ -439,7 +439,9 @@ def start_sweep(sweep: SweepSpec, run_key: str, screening: bool = True,
 def tell_unfinished(sweep: SweepSpec, owned: Callable[[str | None], bool], reason: str,
                     progress: Progress | None = None) -> list[dict]:
     """Tell every RUNNING trial whose asking run (``sweep_run``) ``owned`` selects what the results DB has for
-    it — FAIL with ``reason`` (``{owner}`` filled in) when it has no result."""
+    it — FAIL with ``reason`` (``{owner}`` filled in) when it has no result. A trial that another run told
+    meanwhile (two runs of one study starting at once) is left as that run told it."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     from pruneflow.store import ResultsStore
@@ -452,8 +454,12 @@ def tell_unfinished(sweep: SweepSpec, owned: Callable[[str | None], bool], reaso
             owner = t.user_attrs.get("sweep_run")
             if not owned(owner):
                 continue
-            told.append(_tell(sweep, study, store, t.number, t.user_attrs.get("trial_id") or trial_id_for(sweep, t.number),
-                              missing=reason.format(owner=owner or "?")))
+            try:
+                told.append(_tell(sweep, study, store, t.number,
+                                  t.user_attrs.get("trial_id") or trial_id_for(sweep, t.number),
+                                  missing=reason.format(owner=owner or "?")))
+            except UpdateFinishedTrialError:
+                continue
             if progress:
                 progress(f"tell {told[-1]['trial_id']} (left unfinished by {owner or '?'}): {told[-1]['state']}")
     finally:

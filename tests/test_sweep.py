@@ -178,6 +178,24 @@ def test_trial_with_no_result_is_told_failed(tmp_path):
     assert all(t["already"] for t in again)
 
 
+def test_two_runs_starting_at_once_tell_a_stale_trial_once(tmp_path):
+    """Two runs of one study start together (two nightly runs straddling a minute): both find the trial an
+    ended run left RUNNING. The one that looks second finds it told by the first and leaves it as told."""
+    from pruneflow.sweep import current_trial, open_study, tell_unfinished
+
+    sweep = _sweep(tmp_path, objective="latency", n_trials=2)
+    current_trial(sweep, [{"slot": 0}], "killed")
+    other = optuna.load_study(study_name="s", storage=sweep.trial_spec().db)
+
+    def told_meanwhile(owner):  # the other run tells the trial between this run's look and its tell
+        other.tell(0, state=optuna.trial.TrialState.FAIL)
+        return owner == "killed"
+
+    assert tell_unfinished(sweep, told_meanwhile, "stale: {owner}") == []
+    assert [t.state.name for t in open_study(sweep).trials] == ["FAIL"]
+    assert tell_unfinished(sweep, lambda owner: True, "stale: {owner}") == []  # nothing RUNNING any more
+
+
 def test_study_resumes(tmp_path):
     sweep = _sweep(tmp_path, objective="pareto", n_trials=4)
     run_sweep(sweep, runner=synthetic_runner())

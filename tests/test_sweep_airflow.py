@@ -157,6 +157,19 @@ def test_a_dense_trial_that_keeps_failing_fails_the_sweep_with_the_reason(airflo
     assert all(t.state.is_finished() for t in trials)
 
 
+def _nights(client) -> list[dict]:
+    runs = client.get("/api/v2/dags/prune_sweep_nightly/dagRuns", params={"limit": 100}).json()["dag_runs"]
+    return [n for n in runs if n["run_type"] == "scheduled"]
+
+
+def _continued(client, night_id: str) -> int:
+    """How many studies a night continued: its mapped continue_study tasks (none when the list was empty)."""
+    r = client.get(f"/api/v2/dags/prune_sweep_nightly/dagRuns/{night_id}/taskInstances", params={"limit": 100})
+    r.raise_for_status()
+    return sum(t["task_id"] == "continue_study" and t["map_index"] >= 0 and t["state"] == "success"
+               for t in r.json()["task_instances"])
+
+
 def test_the_nightly_schedule_continues_its_studies_and_a_killed_sweep_resumes(airflow_servers):  # noqa: F811
     """A sweep is killed while its trial runs (its run marked failed, as from the UI). Then the nightly DAG,
     run by the scheduler on its configured schedule, runs both listed studies by their per-night budget: the
@@ -186,8 +199,8 @@ def test_the_nightly_schedule_continues_its_studies_and_a_killed_sweep_resumes(a
     details = s.wait_for_dag(client, "prune_sweep_nightly")
     assert NIGHTLY_SCHEDULE in str(details.get("timetable_summary")), details.get("timetable_summary")
     # The DAG's next run date was computed when it was last parsed, minutes ago with a re-parse interval of
-    # 600 s: unpaused as it is, the scheduler runs that stale minute, then at once the latest one (two
-    # nights). A touched file is re-parsed within seconds, which brings the date up to now.
+    # 600 s: unpaused as it is, the scheduler runs that stale minute, then at once the latest one. A touched
+    # file is re-parsed within seconds, which brings the date up to now.
     touched = time.time()
     os.utime(REPO / "dags" / "prune_sweep_nightly.py")
     deadline = time.monotonic() + 120
@@ -196,22 +209,27 @@ def test_the_nightly_schedule_continues_its_studies_and_a_killed_sweep_resumes(a
         time.sleep(0.5)
     _unpause(client, "prune_sweep_nightly")  # catchup off: the scheduler's next tick on the schedule runs it
     deadline = time.monotonic() + 300
-    while not (nights := [n for n in client.get("/api/v2/dags/prune_sweep_nightly/dagRuns").json()["dag_runs"]
-                          if n["run_type"] == "scheduled"]):
+    while not (nights := _nights(client)):
         assert time.monotonic() < deadline, "the scheduler did not run prune_sweep_nightly on its schedule"
         time.sleep(1)
     assert s.wait_for_run(client, nights[0]["dag_run_id"], dag_id="prune_sweep_nightly")["state"] == "success"
-    (s.out / "nightly.yaml").write_text("[]\n")  # one night only: later ticks (every minute) continue nothing
+    (s.out / "nightly.yaml").write_text("[]\n")  # later ticks (every minute) continue nothing
     assert client.patch("/api/v2/dags/prune_sweep_nightly", json={"is_paused": True}).status_code == 200
-    for study in ("killed-sweep", "nightly-new"):
-        expected = 2 if study == "killed-sweep" else 1  # the killed run and the night's; the night's
-        runs = _wait_sweep(client, expected_runs=expected, study=study)
-        assert sum(r["state"] == "success" for r in runs) == expected - (study == "killed-sweep"), runs
-    resumed = _study(s, "killed-sweep").trials
-    assert len(resumed) == 2 and all(t.state.is_finished() for t in resumed)
-    stale = resumed[0]
+    # The schedule ticks every minute, so the next tick can come before the list is emptied: count the nights
+    # that read it (each continued both studies by one trial) rather than assume there was one.
+    nights = _nights(client)
+    continued = [_continued(client, n["dag_run_id"]) for n in nights
+                 if s.wait_for_run(client, n["dag_run_id"], dag_id="prune_sweep_nightly")["state"] == "success"]
+    assert len(continued) == len(nights) and 2 in continued and set(continued) <= {0, 2}, continued
+    read = continued.count(2)
+    for study, before in (("killed-sweep", 1), ("nightly-new", 0)):  # the killed run; the nights'
+        runs = _wait_sweep(client, expected_runs=before + read, study=study)
+        nightly = [r for r in runs if r["run_type"] == "operator_triggered"]  # the killed run is "manual"
+        assert len(runs) == before + read and [r["state"] for r in nightly] == ["success"] * read, runs
+        trials = _study(s, study).trials
+        assert len(trials) == before + read and all(t.state.is_finished() for t in trials)
+    stale = _study(s, "killed-sweep").trials[0]
     assert stale.state.name != "FAIL" or "stale: asked by sweep run" in stale.user_attrs["reason"]
-    assert len(_study(s, "nightly-new").trials) == 1
     orphan = _trial_runs(client, "killed-sweep")[0]["dag_run_id"]  # the killed sweep's trial run ends on its own
     assert s.wait_for_run(client, orphan, timeout=300)["state"] in ("success", "failed")
 
