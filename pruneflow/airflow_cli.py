@@ -340,17 +340,45 @@ def render_config(home: Home, port: int, host: str = DEFAULT_HOST, executor: str
     return text
 
 
-def _pools(home: Home) -> list[tuple[str, int]]:
-    """The benchmark pools (one slot per device), and the machine-wide CPU pool where one is configured:
-    every CPU-heavy task takes one of its slots and a benchmark in it takes them all."""
-    s = home.settings()
-    names = [n.strip() for n in s.get("pruneflow", "benchmark_pool", fallback="benchmark_cpu").split(",")]
-    slots = s.getint("pruneflow", "benchmark_pool_slots", fallback=1)
+def _setting(home: Home, section: str, key: str, fallback: str) -> str:
+    """A key as the servers this command starts read it: ``AIRFLOW__SECTION__KEY`` over airflow.cfg."""
+    env = os.environ.get(f"AIRFLOW__{section.upper()}__{key.upper()}")
+    return env if env is not None else home.settings().get(section, key, fallback=fallback)
+
+
+def _pools(home: Home) -> dict[str, int]:
+    """The benchmark pools (one slot per device), the machine-wide CPU pool where one is configured (every
+    CPU-heavy task takes one of its slots and a benchmark in it takes them all), and a pool of one slot per
+    benchmark worker's queue."""
+    names = [n.strip() for n in _setting(home, "pruneflow", "benchmark_pool", "benchmark_cpu").split(",")]
+    slots = int(_setting(home, "pruneflow", "benchmark_pool_slots", "1"))
     pools = {n: slots for n in names if n}
-    cpu_pool = s.get("pruneflow", "cpu_pool", fallback="").strip()
+    cpu_pool = _setting(home, "pruneflow", "cpu_pool", "").strip()
     if cpu_pool:
-        pools[cpu_pool] = s.getint("pruneflow", "cpu_pool_slots", fallback=os.cpu_count() or 1)
-    return list(pools.items())
+        pools[cpu_pool] = int(_setting(home, "pruneflow", "cpu_pool_slots", str(os.cpu_count() or 1)))
+    for w in workers(home):
+        if w.name != WORKER_PREFIX + "default" and w.queue not in pools:
+            pools[w.queue] = 1
+    return pools
+
+
+def _set_pools(home: Home, pools: dict[str, int], say=print) -> None:
+    for name, slots in pools.items():
+        _airflow(home, "pools", "set", name, str(slots), f"pruneflow: {slots} slot(s), benchmarks never overlap")
+        say(f"pool {name}: {slots} slot(s)")
+
+
+def sync_pools(home: Home, say=print) -> bool:
+    """Resize the pools when ``[pruneflow]``'s pool settings changed since they were set (True then): the DAG
+    files take a benchmark's slots from the settings, and a task asking more slots than its pool has is
+    never run."""
+    stamp = json.loads(_init_stamp(home).read_text())
+    wanted = _pools(home)
+    if stamp.get("pools") == wanted:
+        return False
+    _set_pools(home, {n: k for n, k in wanted.items() if (stamp.get("pools") or {}).get(n) != k}, say)
+    write_private(_init_stamp(home), json.dumps({**stamp, "pools": wanted}) + "\n")
+    return True
 
 
 def _init_stamp(home: Home) -> Path:
@@ -414,13 +442,8 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
     t0 = time.monotonic()
     _airflow(home, "db", "migrate")
     say(f"metadata DB migrated ({time.monotonic() - t0:.1f}s): {home.settings().get('database', 'sql_alchemy_conn')}")
-    for name, slots in _pools(home):
-        _airflow(home, "pools", "set", name, str(slots), f"pruneflow: {slots} slot(s), benchmarks never overlap")
-        say(f"pool {name}: {slots} slot(s)")
-    for w in workers(home):
-        if w.name != WORKER_PREFIX + "default" and w.queue not in dict(_pools(home)):
-            _airflow(home, "pools", "set", w.queue, "1", "pruneflow: one benchmark at a time on this device")
-            say(f"pool {w.queue}: 1 slot(s)")
+    pools = _pools(home)
+    _set_pools(home, pools, say)
 
     if home.passwords.is_file():
         say(f"admin password: stored in {home.passwords}")
@@ -428,7 +451,7 @@ def init(home: Home, port: int | None = None, host: str = DEFAULT_HOST, force: b
         password = secrets.token_urlsafe(16)
         write_private(home.passwords, json.dumps({USER: password}) + "\n")
         say(f"user: {USER}\npassword: {password}   (shown once; stored in {home.passwords}, mode 0600)")
-    write_private(_init_stamp(home), json.dumps({"airflow": _airflow_version(), "executor": executor,
+    write_private(_init_stamp(home), json.dumps({"airflow": _airflow_version(), "executor": executor, "pools": pools,
                                                   "at": datetime.now(UTC).isoformat()}) + "\n")
 
 
@@ -612,7 +635,8 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
     t_up = time.monotonic()
     executor = check_executor(home, executor)
     check_devices(executor, bench_devices)
-    if not is_initialized(home):
+    initialized, resized = is_initialized(home), False
+    if not initialized:
         init(home, port=port, host=host, executor=executor, bench_devices=bench_devices, say=say)
     else:
         if port is not None and home.host_port()[1] != port:
@@ -623,12 +647,15 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
                 Services(home.path).start(say=say)
             except ServiceError as exc:
                 raise AirflowCliError(str(exc)) from exc
+        resized = sync_pools(home, say)
     url = home.url()
     host, port = home.host_port()
     already = running(home)
     missing = [n for n in components(home) if n not in already]
     if not missing:
         say(f"already running ({', '.join(f'{n} {p}' for n, p in already.items())})")
+        if initialized and resized:
+            say("note: the servers read the old pool settings until `pruneflow airflow down` and `up`")
         _print_access(home, url, say)
         return
     if "api-server" in missing and port_open(port, host):

@@ -212,8 +212,19 @@ def test_down_stops_everything_and_up_keeps_home_and_trials(airflow_servers: Air
     assert status.returncode != 0 and status.stdout.count("stopped") == len(airflow_cli.COMPONENTS)
     assert "nothing running" in s.down().stdout
 
+    # A pool setting edited while down resizes the pool at the next `up`: the DAG files give a benchmark
+    # every slot of the new size, and a benchmark asking more slots than its pool has would never run.
+    (s.home / "airflow.cfg").write_text(cfg.replace("cpu_pool_slots = 2", "cpu_pool_slots = 3"))
+    s.up()
+    assert "pool benchmark_cpu: 3 slot(s)" in s.up_output, s.up_output
+    with s.client() as client:
+        assert client.get("/api/v2/pools/benchmark_cpu").json()["slots"] == 3
+    assert s.down().returncode == 0
+    (s.home / "airflow.cfg").write_text(cfg)
+
     # A second `up` reuses the home: same config and secrets, same password, every trial and run kept.
     s.up()
+    assert "pool benchmark_cpu: 2 slot(s)" in s.up_output, s.up_output
     assert "password:" not in s.up_output.replace("password: in", "")
     assert (s.home / "airflow.cfg").read_text() == cfg and s.password == password
     trials = {t["trial_id"]: t["status"] for t in ResultsStore(s.results_db).list_trials()}
