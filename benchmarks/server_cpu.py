@@ -5,7 +5,11 @@ servers (`pruneflow airflow up` in a tmp home) and prints, per Airflow process, 
 during the sweep, its own and its reaped children's (a LocalExecutor worker's children are its task
 processes), and the machine's busy CPU seconds per trial (/proc/stat).
 
-    .venv/bin/python benchmarks/server_cpu.py [--trials 24] [--parallel 4] [--set SECTION.KEY=VALUE ...]
+    .venv/bin/python benchmarks/server_cpu.py [--trials 24] [--parallel 4] [--idle 60] [--set SECTION.KEY=VALUE ...]
+
+``--idle S`` first measures the same processes for S seconds with nothing triggered, and prints each
+one's cores (CPU s per wall s) idle beside its cores during the sweep: a server loop that costs as much
+idle as busy is a cost per second, not per trial.
 
 ``--set`` overrides an airflow.cfg key for this run (e.g. ``--set pruneflow.task_threads=2``). Never run by CI.
 """
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--idle", type=float, default=0, help="seconds measured with nothing triggered first")
     args = ap.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     root = OUT / "server_cpu"
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         with srv.client() as c:
             srv.unpause(c, "prune_trial", "prune_sweep")
             time.sleep(5)  # let start-up work settle
+            idle0 = cpu_snapshot()
+            time.sleep(args.idle)
             before, ticks0, t0 = cpu_snapshot(), cpu_ticks(), time.monotonic()
             conf = {"study": "server-cpu", "objective": "pareto", "sampler": "tpe", "n_trials": args.trials,
                     "parallel": args.parallel, "seed": 0, "space": SWEEP_SPACE, "report": False,
@@ -95,13 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for pid, (cmd, own, children) in sorted(after.items(), key=lambda kv: -(kv[1][1] + kv[1][2])):
         own0, children0 = before.get(pid, (cmd, 0.0, 0.0))[1:]
-        rows.append([cmd, f"{own - own0:.1f}", f"{children - children0:.1f}",
-                     f"{(own - own0 + children - children0) / args.trials:.2f}"])
+        used = own - own0 + children - children0
+        row = [cmd, f"{own - own0:.1f}", f"{children - children0:.1f}", f"{used / args.trials:.2f}"]
+        if args.idle:
+            idle = sum(before.get(pid, (cmd, 0.0, 0.0))[1:]) - sum(idle0.get(pid, (cmd, 0.0, 0.0))[1:])
+            row += [f"{idle / args.idle:.3f}", f"{used / wall:.3f}"]
+        rows.append(row)
     print("\n".join([header, "",
                      f"sweep: {args.trials} trials, {args.parallel} lanes, {wall:.0f} s wall "
                      f"({3600 * args.trials / wall:.0f} trials/h); machine busy {busy:.0f} CPU s, "
                      f"{busy / args.trials:.2f} per trial; overrides: {' '.join(args.set) or 'none'}", "",
-                     table(["process", "own CPU s", "children CPU s", "per trial s"], rows)]))
+                     table(["process", "own CPU s", "children CPU s", "per trial s"]
+                           + (["idle cores", "sweep cores"] if args.idle else []), rows)]))
     return 0
 
 
