@@ -635,8 +635,8 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
     t_up = time.monotonic()
     executor = check_executor(home, executor)
     check_devices(executor, bench_devices)
-    initialized, resized = is_initialized(home), False
-    if not initialized:
+    resized = False
+    if not is_initialized(home):
         init(home, port=port, host=host, executor=executor, bench_devices=bench_devices, say=say)
     else:
         if port is not None and home.host_port()[1] != port:
@@ -654,7 +654,7 @@ def up(home: Home, port: int | None = None, host: str = DEFAULT_HOST, timeout: f
     missing = [n for n in components(home) if n not in already]
     if not missing:
         say(f"already running ({', '.join(f'{n} {p}' for n, p in already.items())})")
-        if initialized and resized:
+        if resized:
             say("note: the servers read the old pool settings until `pruneflow airflow down` and `up`")
         _print_access(home, url, say)
         return
