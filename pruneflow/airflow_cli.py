@@ -373,10 +373,10 @@ def sync_pools(home: Home, say=print) -> bool:
     files take a benchmark's slots from the settings, and a task asking more slots than its pool has is
     never run."""
     stamp = json.loads(_init_stamp(home).read_text())
-    wanted = _pools(home)
-    if stamp.get("pools") == wanted:
+    had, wanted = stamp.get("pools") or {}, _pools(home)
+    if had == wanted:
         return False
-    _set_pools(home, {n: k for n, k in wanted.items() if (stamp.get("pools") or {}).get(n) != k}, say)
+    _set_pools(home, {n: k for n, k in wanted.items() if had.get(n) != k}, say)
     write_private(_init_stamp(home), json.dumps({**stamp, "pools": wanted}) + "\n")
     return True
 
