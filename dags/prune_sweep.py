@@ -54,7 +54,10 @@ with DAG(
         return lane_items(sweep)
 
     lanes = plan()
-    run_trials = SweepLaneOperator.partial(task_id="run_trials").expand(items=lanes)
+    # Retried: Airflow 3.3 can fail a lane whose trial ended before the scheduler read the executor's
+    # event from the lane's deferral ("state mismatch"); a lane picks up where it was.
+    run_trials = SweepLaneOperator.partial(task_id="run_trials", retries=2, retry_delay=timedelta(seconds=5)
+                                           ).expand(items=lanes)
 
     @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=30))
     def finish(planned: list, told: list, params: dict | None = None, run_id: str | None = None) -> dict:

@@ -73,7 +73,7 @@ class SweepLaneOperator(BaseOperator):
         ti = context["ti"]
         sweep = sweep_from_params(context["params"])
         run_key = context["run_id"]
-        while (spec := sw.current_trial(sweep, self.items, run_key, self.log.info)) is not None:
+        while (spec := self._current(sweep, run_key)) is not None:
             run_id = trial_run_id(spec["trial_id"], run_key)
             if ti.get_dr_count(self.trial_dag_id, run_ids=[run_id]) == 0:
                 # the task runner triggers the run, then defers on it and resumes in execute_complete
@@ -91,3 +91,14 @@ class SweepLaneOperator(BaseOperator):
                 self.log.info("%s waits for the dense latency (latency_budget is a fraction of it)", spec["trial_id"])
                 self.defer(trigger=TimeDeltaTrigger(DENSE_WAIT), method_name="execute_complete")
         return sw.lane_told(sweep, self.items, run_key)
+
+    def _current(self, sweep, run_key: str) -> dict | None:
+        """The lane's trial now; a SweepError (the dense trial failed for good) fails the lane without retries."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from pruneflow import sweep as sw
+
+        try:
+            return sw.current_trial(sweep, self.items, run_key, self.log.info)
+        except sw.SweepError as exc:
+            raise AirflowFailException(str(exc)) from None

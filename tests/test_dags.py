@@ -159,6 +159,35 @@ def test_dag_folder_imports_and_prune_trial_reads_like_the_pipeline(dagbag, dag)
         assert p.schema.get("type") and p.description, key
 
 
+def test_a_lane_retries_but_not_when_the_dense_trial_failed_for_good(dagbag, tmp_path):
+    """A lane is retried (Airflow can fail a deferred task on a late executor event, and a lane picks up
+    where it was), but a dense trial that failed DENSE_ATTEMPTS times fails it at once: retries would not
+    change that."""
+    import optuna
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pruneflow.sweep import DENSE_ATTEMPTS, open_study, parse_sweep, slot_key
+
+    lane = dagbag.dags["prune_sweep"].task_dict["run_trials"]
+    assert lane.retries >= 1
+    sweep = parse_sweep({"study": "lane", "base": {"baseline": {"checkpoint": "unused.pt"},
+                                                   "artifacts": str(tmp_path / "trials"),
+                                                   "db": f"sqlite:///{tmp_path / 'r.db'}"},
+                         "space": [{"name": "a", "patterns": ["layer1.*.conv1"], "low": 0.0, "high": 0.8}],
+                         "objective": "top1_under_latency", "latency_budget": {"value": 0.8, "unit": "fraction"}})
+    study = open_study(sweep)
+    for _ in range(DENSE_ATTEMPTS):
+        t = study.ask()
+        t.set_user_attr("dense", True)
+        t.set_user_attr("slot", slot_key("run", 0))
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+    from pruneflow_airflow.sweep_lane import SweepLaneOperator
+
+    operator = SweepLaneOperator(task_id="lane_test", items=[{"slot": 0}])
+    with pytest.raises(AirflowFailException, match="the dense trial failed"):
+        operator._current(sweep, "run")
+
+
 def test_prune_sweep_form_is_the_sweep_spec(dagbag):
     from pruneflow.sweep_conf import sweep_defaults
 
