@@ -6,7 +6,7 @@ median run time and its waits (scheduled -> queued: the scheduler found no pool 
 the executor), the gaps between a trial's tasks, the share of the sweep with 0, 1 or 2 CPU-pool slots
 taken, and the share during which a benchmark was waiting for slots.
 
-    .venv/bin/python benchmarks/sweep_timeline.py [--trials 24] [--parallel 4]
+    .venv/bin/python benchmarks/sweep_timeline.py [--trials 24] [--parallel 2] [--keep]
 
 Never run by CI.
 """
