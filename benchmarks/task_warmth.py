@@ -4,7 +4,7 @@ one forked after the parent ran a trial itself. One torch thread, as a task on t
 
     .venv/bin/python benchmarks/task_warmth.py [warm]
 
-A rough probe: it prints each call's time and its stages' times, no ratio table yet. Never run by CI.
+It prints each call's time and its stages' times (RESULTS.md has them as a table). Never run by CI.
 """
 
 from __future__ import annotations
