@@ -4,12 +4,14 @@ one forked after the parent ran a trial itself. One torch thread, as a task on t
 
     .venv/bin/python benchmarks/task_warmth.py [warm]
 
-It prints each call's time and its stages' times (RESULTS.md has them as a table). Never run by CI.
+The modules imported first are the template's ``[pruneflow] preload`` (``airflow.cfg.template``), through
+the executor's own :func:`pruneflow_airflow.preload.preload_modules`. Prints a table of each call's time,
+its stages' times and its ratio to the cold process's first call. Never run by CI.
 """
 
 from __future__ import annotations
 
-import importlib
+import configparser
 import os
 import sys
 import time
@@ -17,12 +19,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import OUT, ensure_baseline  # noqa: E402
+from _common import OUT, REPO, ensure_baseline, machine_header, table  # noqa: E402
 
-PRELOAD = ("torch torch_pruning onnx onnxscript openvino onnxruntime optuna sklearn.datasets pruneflow.prune "
-           "pruneflow.train pruneflow.export pruneflow.checkpoint pruneflow.recalibrate pruneflow.data "
-           "pruneflow.store pruneflow.bench pruneflow.models pruneflow.stages").split()
 ROOT = OUT / "task_warmth"
+STAGES = ("prepare", "prune", "thinnify", "retrain", "export")
+
+
+def template_preload() -> str:
+    cfg = configparser.ConfigParser(interpolation=None, strict=False)
+    text = (REPO / "airflow.cfg.template").read_text()
+    # lines that are a whole placeholder (extra sections) are not INI; the preload line has none
+    cfg.read_string("\n".join(line for line in text.splitlines() if not line.startswith("{{")))
+    return cfg.get("pruneflow", "preload")
 
 
 def trial(ckpt: Path, i: int, sparsity: float) -> tuple[float, dict]:
@@ -42,25 +50,38 @@ def trial(ckpt: Path, i: int, sparsity: float) -> tuple[float, dict]:
     return round(time.perf_counter() - t, 2), out["timings_s"]
 
 
-def forked(tag: str, ckpt: Path, base: int) -> None:
+def forked(ckpt: Path, base: int) -> list[tuple[float, dict]]:
+    """Three calls in a forked process; their results come back through a pipe."""
+    import json
+
+    rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
-        for k in range(3):
-            print(tag, "call", k, *trial(ckpt, base + k, 0.3 + 0.1 * k), flush=True)
+        os.close(rfd)
+        with os.fdopen(wfd, "w") as out:
+            json.dump([trial(ckpt, base + k, 0.3 + 0.1 * k) for k in range(3)], out)
         os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd) as inp:
+        text = inp.read()
     os.waitpid(pid, 0)
+    return [tuple(r) for r in json.loads(text)]
 
 
 def main(argv: list[str]) -> None:
-    t = time.perf_counter()
-    for name in PRELOAD:
-        importlib.import_module(name)
-    print(f"preload {time.perf_counter() - t:.2f} s", flush=True)
+    from pruneflow_airflow.preload import preload_modules
+
+    print(machine_header("task_warmth: a forked, preloaded task's prune_to_export calls"))
+    preload_modules(template_preload())
     ckpt = ensure_baseline()
-    forked("forked-cold", ckpt, 0)
+    runs = [("forked after imports only", forked(ckpt, 0))]
     if argv[:1] == ["warm"]:
-        print("parent", *trial(ckpt, 100, 0.4), flush=True)
-        forked("forked-warm", ckpt, 10)
+        trial(ckpt, 100, 0.4)
+        runs.append(("forked after the parent ran a trial", forked(ckpt, 10)))
+    cold = runs[0][1][0][0]
+    rows = [[name, k, f"{total:.2f}", *(f"{stages[s]:.2f}" if s in stages else "-" for s in STAGES),
+             f"{total / cold:.2f}x"] for name, calls in runs for k, (total, stages) in enumerate(calls)]
+    print(table(["process", "call", "total s", *STAGES, "vs cold 1st"], rows))
 
 
 if __name__ == "__main__":
