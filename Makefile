@@ -13,12 +13,16 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 
 install: $(STAMP)
 
+# OpenVINO's telemetry is on unless declined: each ov.convert_model then forks the whole (torch-laden) process
+# once per event to reach Google Analytics, 0.2-0.5 s of an export's 0.05 s. The last step declines it unless
+# this user already chose (the consent file exists); benchmarks/RESULTS.md, "OpenVINO telemetry".
 # --no-deps: the lock is complete, and nothing may pull another torch build than the pinned CPU wheel.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
+	test -e "$$HOME/intel/openvino_telemetry" || $(VENV)/bin/opt_in_out --opt_out
 	touch $(STAMP)
 
 # The benchmark worker's environment (as on a device host): Airflow's Celery worker, OpenVINO, ONNX Runtime and
