@@ -4,7 +4,7 @@ one forked after the parent ran a trial itself. One torch thread, as a task on t
 
     .venv/bin/python benchmarks/task_warmth.py [warm]
 
-The modules imported first are the template's ``[pruneflow] preload`` (``airflow.cfg.template``), through
+The modules imported first are the rendered template's ``[pruneflow] preload`` (``airflow.cfg.template``), through
 the executor's own :func:`pruneflow_airflow.preload.preload_modules`. Prints a table of each call's time,
 its stages' times and its ratio to the cold process's first call. Never run by CI.
 """
@@ -19,17 +19,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import OUT, REPO, ensure_baseline, machine_header, table  # noqa: E402
+from _common import OUT, ensure_baseline, machine_header, table  # noqa: E402
 
 ROOT = OUT / "task_warmth"
 STAGES = ("prepare", "prune", "thinnify", "retrain", "export")
 
 
 def template_preload() -> str:
-    cfg = configparser.ConfigParser(interpolation=None, strict=False)
-    text = (REPO / "airflow.cfg.template").read_text()
-    # lines that are a whole placeholder (extra sections) are not INI; the preload line has none
-    cfg.read_string("\n".join(line for line in text.splitlines() if not line.startswith("{{")))
+    """``[pruneflow] preload`` as ``pruneflow airflow init`` renders it for the embedded default."""
+    from pruneflow.airflow_cli import DEFAULT_PORT, render_config, resolve_home
+
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read_string(render_config(resolve_home(str(ROOT / "airflow-home")), DEFAULT_PORT))
     return cfg.get("pruneflow", "preload")
 
 

@@ -536,3 +536,11 @@ def test_myriad_is_a_spec_device_routed_to_the_ncs2_queue():
     # the queue exists in the deployment: the compose NCS2 worker serves it
     ncs2 = _compose()["services"]["bench-ncs2"]
     assert ncs2["environment"]["QUEUE"] == "bench_ncs2" and "bench_ncs2" in ncs2["command"]
+
+
+def test_the_training_image_declines_openvino_telemetry_as_the_user_that_runs_tasks():
+    # as `make install` does (tests/test_openvino_telemetry.py): left on, every convert_model forks the task
+    text = (DOCKER / "Dockerfile").read_text()
+    user = re.search(r"^USER 50000$", text, re.M)
+    opt_out = re.search(r"^RUN opt_in_out --opt_out$", text, re.M)
+    assert user and opt_out and opt_out.start() > user.start()
