@@ -1,14 +1,19 @@
-"""Benchmark isolation on the embedded default: the spread of ONE model re-measured during a sweep, without
-and with the machine-wide CPU pool, in ONE run of this script.
+"""Benchmark isolation on the embedded default: the spread of ONE model re-measured during a sweep, with
+torch tasks beside the benchmarks, with the benchmark taking the whole CPU pool, and with torch tasks
+paused while it measures, in ONE run of this script.
 
 While a rapid `prune_sweep` (random sampler, `parallel` lanes) runs through the embedded Airflow, a probe
 trial with one fixed configuration (ResNet-20, conv1 of every stage at 0.5: the same thinned model every
 time) is triggered again each time the previous probe ends, so each probe's benchmark meets whatever the
-sweep's trials are doing then. Two deployments, one after the other, each a fresh tmp home:
+sweep's trials are doing then. Three deployments, one after the other, each a fresh tmp home:
 
-(a) no CPU pool (`[pruneflow] cpu_pool` empty): torch tasks run in `default_pool`; benchmarks have a pool
-    of their own with one slot, so two benchmarks never overlap, but a prune or export may run beside one;
-(b) the CPU pool (the embedded default): every torch task takes one of its slots, a benchmark takes all.
+(a) no CPU pool (`[pruneflow] cpu_pool` empty) and no pausing: torch tasks run in `default_pool`;
+    benchmarks have a pool of their own with one slot, so two benchmarks never overlap, but a prune or
+    export may run beside one;
+(b) the benchmark in the CPU pool (`benchmark_pool = cpu`), no pausing: every torch task takes one of its
+    slots, a benchmark takes all of them;
+(c) the embedded default: benchmarks in a pool of one slot, and each stops the host's torch tasks while it
+    measures (`pruneflow.cpu_pause`).
 
 Reported per deployment: probes measured, the median of their median latencies, the spread across probes
 (min, max, max/min, CV of the medians), the median within-benchmark CV (round medians), and the sweep's
@@ -48,9 +53,11 @@ from airflow_overhead import Servers, ts  # noqa: E402
 BENCH = {"rounds": 5, "iterations": 200, "warmup": 50, "threads": 1}
 PROBE = {"name": "probe", "epochs": 0, "sparsities": {"layer1": 0.5, "layer2": 0.5, "layer3": 0.5}, **BENCH}
 #: (label, [pruneflow] overrides); a pool of one slot for (a)'s benchmarks is created after `up`
+NO_PAUSE = {"pruneflow.benchmark_pauses_torch_tasks": "False"}
 MODES = [("no CPU pool: benchmarks have a pool of 1 slot, torch tasks run beside them",
-          {"pruneflow.cpu_pool": "", "pruneflow.benchmark_pool": "bench_alone"}),
-         ("CPU pool: a benchmark takes every slot (the embedded default)", {})]
+          {"pruneflow.cpu_pool": "", "pruneflow.benchmark_pool": "bench_alone", **NO_PAUSE}),
+         ("CPU pool: a benchmark takes every slot", {"pruneflow.benchmark_pool": "cpu", **NO_PAUSE}),
+         ("pause: a benchmark stops the torch tasks while it measures (the embedded default)", {})]
 
 
 def run_mode(root: Path, baseline: Path, overrides: dict[str, str], n: int, parallel: int, say,
@@ -137,7 +144,8 @@ def report(args, header: str, results: list[tuple[str, dict]]) -> str:
            table(["deployment", "probes", "median ms", "min ms", "max ms", "max/min", "CV of medians",
                   "median CV in a benchmark", "sweep trials/h", "load before -> after"], rows),
            "",
-           f"Spread ratio (max/min with the CPU pool / without): {spreads[1] / spreads[0]:.2f}. The probe is one "
+           f"Spread ratio (max/min against the first row's): "
+           f"{', '.join(f'{x / spreads[0]:.2f}' for x in spreads[1:])}. The probe is one "
            f"fixed model (ResNet-20, conv1 of each stage at 0.5) re-measured during a {args.trials}-trial rapid "
            f"sweep with {args.parallel} lanes; only probes that ended while the sweep ran are counted."]
     return "\n".join(out)
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     root = OUT / "bench_isolation"
     shutil.rmtree(root, ignore_errors=True)
     baseline = ensure_baseline(progress=say)
-    header = machine_header("bench_isolation: one model re-measured during a sweep, without and with the CPU pool",
+    header = machine_header("bench_isolation: one model re-measured during a sweep, three ways of isolating it",
                             argv)
     results = []
     for i, (label, overrides) in enumerate(MODES):

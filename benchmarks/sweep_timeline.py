@@ -3,8 +3,9 @@
 Runs the sweep of `sweep_throughput.py` (pareto TPE, seed 0, rapid trials) through real servers only,
 then reads every `prune_trial` task instance from the metadata DB (SQLite) and prints, per task, its
 median run time and its waits (scheduled -> queued: the scheduler found no pool room; queued -> start:
-the executor), the gaps between a trial's tasks, the share of the sweep with 0, 1 or 2 CPU-pool slots
-taken, and the share during which a benchmark was waiting for slots.
+the executor), the gaps between a trial's tasks, the share of the sweep with 0, 1, 2... CPU-pool slots
+taken (the pool of `prune_to_export`; a benchmark counts there only when it runs in that pool), the share
+with a benchmark running, and the share during which a benchmark was waiting for its pool.
 
     .venv/bin/python benchmarks/sweep_timeline.py [--trials 24] [--parallel 2] [--keep]
 
@@ -26,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, ensure_baseline, machine_header, say, sweep_args, table  # noqa: E402
 from sweep_throughput import run_airflow  # noqa: E402
 
-CPU_TASKS = ("validate", "prune_to_export", "benchmark")  # the rapid path's tasks in the CPU pool
 STEP = 0.05  # seconds per timeline cell
 
 
@@ -37,11 +37,12 @@ def _t(value) -> float | None:
 def task_instances(db: Path) -> list[dict]:
     con = sqlite3.connect(db)
     try:
-        rows = con.execute("select run_id, task_id, pool_slots, scheduled_dttm, queued_dttm, start_date, end_date "
+        rows = con.execute("select run_id, task_id, pool, pool_slots, scheduled_dttm, queued_dttm, start_date, end_date "
                            "from task_instance where dag_id = 'prune_trial' and start_date is not null").fetchall()
     finally:
         con.close()
-    return [dict(run=r[0], task=r[1], slots=r[2], sch=_t(r[3]), q=_t(r[4]), s=_t(r[5]), e=_t(r[6])) for r in rows]
+    return [dict(run=r[0], task=r[1], pool=r[2], slots=r[3], sch=_t(r[4]), q=_t(r[5]), s=_t(r[6]), e=_t(r[7]))
+            for r in rows]
 
 
 def med(vals: list[float]) -> str:
@@ -65,16 +66,22 @@ def analyse(tis: list[dict]) -> str:
         g = sorted(r[b]["s"] - r[a]["e"] for r in runs.values() if a in r and b in r)
         gaps.append([f"{a} -> {b}", med(g), f"{g[int(0.9 * (len(g) - 1))]:.2f}", f"{sum(g):.1f}"])
     n = int((t1 - t0) / STEP) + 1
-    taken, waiting = [0] * n, [False] * n
+    cpu_pool = next(x["pool"] for x in tis if x["task"] == "prune_to_export")
+    taken, waiting, measuring = [0] * n, [False] * n, [False] * n
     for x in tis:
-        if x["task"] not in CPU_TASKS:
-            continue
-        for i in range(int((x["s"] - t0) / STEP), min(n, int((x["e"] - t0) / STEP))):
-            taken[i] += x["slots"]
-        if x["task"] == "benchmark" and x["sch"]:
-            for i in range(max(0, int((x["sch"] - t0) / STEP)), int((x["s"] - t0) / STEP)):
-                waiting[i] = True
+        cells = range(int((x["s"] - t0) / STEP), min(n, int((x["e"] - t0) / STEP)))
+        if x["pool"] == cpu_pool:
+            for i in cells:
+                taken[i] += x["slots"]
+        if x["task"] == "benchmark":
+            for i in cells:
+                measuring[i] = True
+            if x["sch"]:
+                for i in range(max(0, int((x["sch"] - t0) / STEP)), int((x["s"] - t0) / STEP)):
+                    waiting[i] = True
     share = Counter(taken)
+    slots = max(x["slots"] for x in tis if x["pool"] == cpu_pool and x["task"] == "benchmark") \
+        if any(x["pool"] == cpu_pool and x["task"] == "benchmark" for x in tis) else None
     return "\n".join([
         f"span of the trials' tasks: {t1 - t0:.0f} s",
         "",
@@ -83,10 +90,11 @@ def analyse(tis: list[dict]) -> str:
         "",
         table(["gap in a trial", "median s", "p90 s", "sum s"], gaps),
         "",
-        "CPU-pool slots taken, share of the span: "
+        f"CPU-pool ({cpu_pool}) slots taken, share of the span: "
         + ", ".join(f"{k}: {v / n:.0%}" for k, v in sorted(share.items())),
-        f"a benchmark waiting for slots: {sum(waiting) / n:.0%} of the span "
-        f"(with a slot free: {sum(w and k < 2 for w, k in zip(waiting, taken, strict=True)) / n:.0%})",
+        f"a benchmark running: {sum(measuring) / n:.0%} of the span; waiting for its pool: {sum(waiting) / n:.0%}"
+        + (f" (with a CPU slot free: {sum(w and k < slots for w, k in zip(waiting, taken, strict=True)) / n:.0%})"
+           if slots else ""),
     ])
 
 

@@ -65,7 +65,7 @@ with DAG(
         from pruneflow.sensitivity import SensitivitySpec, measure_points
         from pruneflow_airflow.operators import stage_environment
 
-        with stage_environment():
+        with stage_environment(label="sensitivity measure_points"):
             return measure_points(SensitivitySpec.model_validate(spec), print)
 
     @task(queue=DEPLOYMENT.benchmark_queue, pool=DEPLOYMENT.benchmark_pool,

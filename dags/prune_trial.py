@@ -55,8 +55,8 @@ from pruneflow_airflow.operators import (
 )
 from pruneflow_airflow.params import trial_params
 
-# The machine-wide CPU pool: a torch task takes one slot; a benchmark in the same pool takes every slot,
-# so nothing else runs on the CPU while it measures.
+# The machine-wide CPU pool: a torch task takes one slot. A benchmark has a pool of one slot per device and
+# stops its host's torch tasks while it measures (pruneflow.cpu_pause); one in the CPU pool takes every slot.
 DEPLOYMENT = deployment()
 TARGETS = bench_targets(DEPLOYMENT.devices, DEPLOYMENT.benchmark_queue, DEPLOYMENT.benchmark_pool)
 

@@ -312,7 +312,7 @@ def render_config(home: Home, port: int, host: str = DEFAULT_HOST, executor: str
         "worker_log_port": str(log_ports[0]),
         "trigger_log_port": str(log_ports[1]),
         "benchmark_pool": "benchmark_cpu",
-        "cpu_pool": "benchmark_cpu",
+        "cpu_pool": "cpu",
         "benchmark_queue": "default",
         "celery_sections": "",
         "database_extra": "",

@@ -18,6 +18,8 @@ worker, the plugin — reads the same variables, so every task of a run resolves
 ``PRUNEFLOW_ALLOWED_MODELS``  user models (``package.module:factory``) a DAG conf may name, comma-separated
                               (default: none; registry models are always allowed)
 ``PRUNEFLOW_ALLOWED_DBS``     further results DB URLs a DAG conf may name, comma-separated (default: none)
+``PRUNEFLOW_CPU_TASKS``       the host's folder of running torch tasks, which a benchmark stops while it
+                              measures (:mod:`pruneflow.cpu_pause`; default ``<tmp>/pruneflow-cpu-tasks-<uid>``)
 
 Relative paths (and relative SQLite URLs) are taken relative to ``<home>``, never to a process's
 current directory.
@@ -29,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from pruneflow.constants import ID_RE, ID_RULE
@@ -87,6 +90,16 @@ def baselines_root() -> str:
 
 def reports_root() -> Path:
     return Path(under_home(os.environ.get("PRUNEFLOW_REPORTS") or "out/reports"))
+
+
+def cpu_tasks_dir() -> Path:
+    """Where this host's torch tasks register (one folder per user, shared by every deployment of the host:
+    they share its cores)."""
+    raw = (os.environ.get("PRUNEFLOW_CPU_TASKS") or "").strip()
+    if raw:
+        return Path(under_home(raw))
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"pruneflow-cpu-tasks-{user}"
 
 
 def data_roots() -> list[str]:

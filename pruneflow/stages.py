@@ -427,6 +427,8 @@ def write_latency(trial_dir: Path, result: dict, worker: dict | None = None) -> 
 
 def benchmark(spec: TrialSpec, progress: Progress = _quiet, worker: dict | None = None) -> dict:
     """Torch-free: reads the exported model and the reference outputs, measures, writes latency.json.
+    While it measures (warm-up and timed rounds), the host's registered torch tasks are stopped
+    (:mod:`pruneflow.cpu_pause`); latency.json's ``paused_cpu_tasks`` says how many.
 
     latency.json's ``worker`` says who measured: ``host``, ``queue`` (the Celery queue the task ran on,
     which only the caller knows: the operator passes its ``queue``), ``env`` (the Python environment,
@@ -434,14 +436,18 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet, worker: dict | None 
     import numpy as np
 
     from pruneflow.bench import measure
+    from pruneflow.cpu_pause import paused
+    from pruneflow.settings import cpu_tasks_dir
 
     trial_dir = spec.trial_dir()
     _start_stage(trial_dir, "benchmark")
     opts = spec.benchmark
     model_path = trial_dir / ("model.xml" if opts.backend == "openvino" else "model.onnx")
     ref = np.load(trial_dir / "reference.npz")
+    say = lambda s: progress(f"benchmark: {s}")  # noqa: E731
+    # the host's torch tasks (pruneflow.cpu_pause) are stopped while it measures
     result = measure(model_path, opts, check=(ref["input"], ref["output"]), check_atol=spec.export.parity_atol,
-                     progress=lambda s: progress(f"benchmark: {s}"))
+                     progress=say, isolation=lambda: paused(cpu_tasks_dir(), say))
     write_latency(trial_dir, result, worker)
     lat = result["latency_ms"]
     tput = result["throughput"]

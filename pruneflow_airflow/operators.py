@@ -132,13 +132,29 @@ def dataset_cache_dir() -> str | None:
     return None if raw.lower() in ("", "off", "none", "false") else raw
 
 
+def pauses_for_benchmarks() -> bool:
+    """``[pruneflow] benchmark_pauses_torch_tasks`` (default on): a torch task registers in the host's
+    folder of CPU tasks, so that a benchmark on this host stops it while measuring (:mod:`pruneflow.cpu_pause`)."""
+    from airflow.configuration import conf as airflow_conf
+
+    return airflow_conf.getboolean("pruneflow", "benchmark_pauses_torch_tasks", fallback=True)
+
+
 @contextlib.contextmanager
-def stage_environment(uses_torch: bool = True):
-    """What every stage runs in: its torch threads (when it runs torch) and the data set cache."""
+def stage_environment(uses_torch: bool = True, label: str = ""):
+    """What every stage runs in: its torch threads and its registration as a CPU task (when it runs torch),
+    and the data set cache."""
+    from pruneflow.cpu_pause import registered
     from pruneflow.data import dataset_cache
+    from pruneflow.settings import cpu_tasks_dir
     from pruneflow.threads import torch_threads
 
-    with dataset_cache(dataset_cache_dir()), torch_threads(task_threads()) if uses_torch else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dataset_cache(dataset_cache_dir()))
+        if uses_torch:
+            stack.enter_context(torch_threads(task_threads()))
+            if pauses_for_benchmarks():
+                stack.enter_context(registered(cpu_tasks_dir(), label))
         yield
 
 
@@ -261,7 +277,8 @@ class TrialStageOperator(BaseOperator):
 
         stages = self.artifact_stages if self.artifact_stages is not None else (self.stage,)
         try:
-            with stage_environment(self.uses_torch), stage_workspace(spec, stages, self.progress):
+            with stage_environment(self.uses_torch, f"{spec.trial_id} {self.task_id}"), \
+                    stage_workspace(spec, stages, self.progress):
                 return self.run_stage(spec, context)
         except SpecError as exc:
             raise AirflowFailException(str(exc)) from None

@@ -9,6 +9,7 @@ import platform
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -403,8 +404,13 @@ def measure(
     check: tuple[np.ndarray, np.ndarray] | None = None,
     check_atol: float = 1e-3,
     progress: Callable[[str], None] | None = None,
+    isolation: Callable[[], AbstractContextManager[list[int]]] | None = None,
 ) -> dict:
     """Benchmark one model; return the JSON-serialisable latency record (latency.json).
+
+    ``isolation`` (e.g. :func:`pruneflow.cpu_pause.paused`) is entered around the warm-up and the timed
+    rounds only, after compiling and the check; it yields the pids it stopped, whose number is the
+    record's ``paused_cpu_tasks``.
 
     ``check`` = (input, expected output): checked before any timing, at the precision the compiled
     model reports it runs: within ``check_atol`` at f32; at f16/bf16 within
@@ -434,7 +440,7 @@ def measure(
 
     x = loaded.make_input(options.seed)
     rounds = _Rounds()
-    with _gc_paused():
+    with isolation() if isolation else contextlib.nullcontext([]) as stopped, _gc_paused():
         if options.warmup:
             _warm_up(loaded, x, options.warmup)
             _emit(progress, f"warm-up: {options.warmup} calls")
@@ -442,10 +448,11 @@ def measure(
             lat = _timed_round(loaded, x, options.iterations, rounds)
             extra = f", {rounds.fps[-1]:.1f} fps" if rounds.fps else ""
             _emit(progress, f"round {r + 1}/{options.rounds}: median {float(np.median(lat)):.3f} ms{extra}")
-    return _result_dict(
+    result = _result_dict(
         loaded, options, rounds, list(range(options.rounds)), env,
         load_before, started_at, t_start, check_record,
     )
+    return {**result, "paused_cpu_tasks": len(stopped)}
 
 
 def _default_labels(paths: list[Path]) -> list[str]:
@@ -463,6 +470,7 @@ def compare(
     options: BenchmarkOptions,
     labels: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    isolation: Callable[[], AbstractContextManager[list[int]]] | None = None,
 ) -> dict:
     """Benchmark several models with interleaved rounds; speed-ups are relative to the FIRST model.
 
@@ -473,7 +481,8 @@ def compare(
     ``speedup`` = median(first) / median(this); ``speedup_paired`` = median over rounds of
     round_median(first) / round_median(this) (more robust to machine drift). With hint="throughput" the
     ratios also hold ``throughput_ratio`` = fps(this) / fps(first) and ``throughput_ratio_paired`` = median
-    over rounds of round_fps(this) / round_fps(first).
+    over rounds of round_fps(this) / round_fps(first). ``isolation``: as in :func:`measure`, around
+    every model's warm-up and all the rounds.
     """
     paths = [Path(p) for p in model_paths]
     if not paths:
@@ -502,7 +511,7 @@ def compare(
     rounds = [_Rounds() for _ in range(n)]
     slots: list[list[int]] = [[] for _ in range(n)]
     slot = 0
-    with _gc_paused():
+    with isolation() if isolation else contextlib.nullcontext([]) as stopped, _gc_paused():
         if options.warmup:
             for m, x in zip(loaded, inputs, strict=True):
                 _warm_up(m, x, options.warmup)
@@ -541,4 +550,5 @@ def compare(
         "settings": options.model_dump(),
         "started_at": started_at,
         "duration_s": round(time.perf_counter() - t_start, 4),
+        "paused_cpu_tasks": len(stopped),
     }

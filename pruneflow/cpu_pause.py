@@ -1,0 +1,128 @@
+"""A benchmark measures alone on its host: it stops the host's registered torch tasks while it measures.
+
+A torch task registers its process in the host's folder of CPU tasks (:func:`registered`, one small JSON
+file per process, :func:`pruneflow.settings.cpu_tasks_dir`). A benchmark, around its warm-up and timed
+rounds only, stops every registered process with SIGSTOP and resumes it with SIGCONT (:func:`paused`).
+Both hold the folder's lock file meanwhile, so a task that starts while a benchmark measures waits to
+register (and to run) until the benchmark is done, and two benchmarks of one host never measure at once.
+So a benchmark waits for nothing and nothing runs beside it, instead of waiting for every CPU-pool slot
+to drain while a core idles (``benchmarks/sweep_timeline.py``).
+
+A stopped task keeps its memory and its Airflow heartbeat (the task supervisor, a separate process,
+sends it); its stages see only a pause of about the benchmark's length. Nothing that could wait on a
+stopped task runs while they are stopped: the model is compiled and parity-checked before, and the
+results are written after.
+
+If the benchmark process dies while tasks are stopped (even by SIGKILL), a watchdog resumes them: a
+small process in its own session, started before anything is stopped, that sends SIGCONT when its pipe
+from the benchmark closes. Only processes of the same user in the same PID namespace can be stopped; a
+file whose process is gone (or whose pid now names another process) is removed and skipped.
+
+Pure Python and torch-free: the benchmark worker imports it. POSIX only; elsewhere nothing is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+from filelock import FileLock
+
+__all__ = ["paused", "registered", "registered_tasks"]
+
+LOCK = ".measuring.lock"
+
+# Reads its pipe until the benchmark closes it (or dies), then resumes the pids it was given.
+_WATCHDOG = (
+    "import os, signal, sys\n"
+    "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+    "sys.stdin.buffer.read()\n"
+    "for pid in sys.argv[1:]:\n"
+    "    try:\n"
+    "        os.kill(int(pid), signal.SIGCONT)\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+
+
+def _can_pause() -> bool:
+    return hasattr(signal, "SIGSTOP")
+
+
+@contextlib.contextmanager
+def registered(folder: Path, label: str = "") -> Iterator[Path]:
+    """Register this process as a CPU task of the host while the block runs (a benchmark may stop it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    me = psutil.Process()
+    path = folder / f"{me.pid}.json"
+    with FileLock(folder / LOCK):
+        path.write_text(json.dumps({"pid": me.pid, "create_time": me.create_time(), "label": label}))
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def registered_tasks(folder: Path) -> list[psutil.Process]:
+    """The live registered processes other than this one; files of processes that are gone are removed."""
+    tasks = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            entry = json.loads(path.read_text())
+            proc = psutil.Process(int(entry["pid"]))
+            alive = proc.create_time() == entry["create_time"] and proc.status() != psutil.STATUS_ZOMBIE
+        except FileNotFoundError:
+            continue  # its task ended just now
+        except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+            alive = False
+        if not alive:
+            path.unlink(missing_ok=True)
+        elif proc.pid != os.getpid():
+            tasks.append(proc)
+    return tasks
+
+
+@contextlib.contextmanager
+def paused(folder: Path, say: Callable[[str], None] | None = None) -> Iterator[list[int]]:
+    """Stop the host's registered CPU tasks while the block runs; yields their pids (empty: none)."""
+    if not _can_pause():
+        yield []
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder / LOCK), _stopped(registered_tasks(folder), say) as stopped:
+        yield stopped
+
+
+@contextlib.contextmanager
+def _stopped(tasks: list[psutil.Process], say: Callable[[str], None] | None) -> Iterator[list[int]]:
+    if not tasks:
+        yield []
+        return
+    pids = [p.pid for p in tasks]
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, *map(str, pids)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, start_new_session=True)
+    stopped: list[int] = []
+    try:
+        watchdog.stdout.readline()  # it is up before anything is stopped
+        for proc in tasks:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGSTOP)  # psutil checks the pid still names the same process
+                stopped.append(proc.pid)
+        if say:
+            say(f"paused {len(stopped)} CPU task(s) while measuring: pid {', '.join(map(str, stopped))}")
+        yield stopped
+    finally:
+        for proc in tasks:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+        watchdog.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            watchdog.wait(timeout=10)
+        watchdog.stdout.close()
