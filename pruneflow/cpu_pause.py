@@ -56,10 +56,21 @@ def _can_pause() -> bool:
     return hasattr(signal, "SIGSTOP")
 
 
+def _own_folder(folder: Path) -> Path:
+    """The folder, made private to this user if new; refused if another user owns it (whoever can write
+    there chooses which processes a benchmark stops)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = folder.stat().st_uid
+    if hasattr(os, "getuid") and owner != os.getuid():
+        raise PermissionError(f"the folder of CPU tasks {folder} belongs to uid {owner}, not to this user "
+                              f"({os.getuid()}): set PRUNEFLOW_CPU_TASKS to a folder of your own")
+    return folder
+
+
 @contextlib.contextmanager
 def registered(folder: Path, label: str = "") -> Iterator[Path]:
     """Register this process as a CPU task of the host while the block runs (a benchmark may stop it)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    _own_folder(folder)
     me = psutil.Process()
     path = folder / f"{me.pid}.json"
     with FileLock(folder / LOCK):
@@ -95,8 +106,7 @@ def paused(folder: Path, say: Callable[[str], None] | None = None) -> Iterator[l
     if not _can_pause():
         yield []
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(folder / LOCK), _stopped(registered_tasks(folder), say) as stopped:
+    with FileLock(_own_folder(folder) / LOCK), _stopped(registered_tasks(folder), say) as stopped:
         yield stopped
 
 

@@ -160,3 +160,20 @@ def test_measure_stops_the_tasks_for_its_timed_rounds_only(tasks, tmp_path):
                       "round": psutil.STATUS_STOPPED}
     assert proc.status() != psutil.STATUS_STOPPED
     assert measure(model, BenchmarkOptions(warmup=0, rounds=1, iterations=2))["paused_cpu_tasks"] == 0
+
+
+def test_a_folder_of_another_user_is_refused_with_the_variable_named(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("needs root to give the folder to another user")
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    os.chown(folder, 12345, 12345)
+    for enter in (lambda: registered(folder), lambda: paused(folder)):
+        with pytest.raises(PermissionError, match="PRUNEFLOW_CPU_TASKS"), enter():
+            pass
+
+
+def test_a_new_folder_is_private(tmp_path):
+    folder = tmp_path / "new" / "cpu-tasks"
+    with registered(folder):
+        assert folder.stat().st_mode & 0o777 == 0o700
