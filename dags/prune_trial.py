@@ -82,7 +82,8 @@ with DAG(
     prune_to_export = PruneToExportOperator(task_id="prune_to_export", execution_timeout=timedelta(hours=7), **cpu)
     # after whichever path validate followed (the other one is skipped)
     after_either = {"trigger_rule": TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS}
-    # absolute priority: a benchmark waiting for every slot goes before the next trial's torch task
+    # absolute priority: a waiting benchmark is queued before other trials' tasks (in the CPU pool, before
+    # the next torch task)
     benchmarks = [BenchmarkOperator(
         task_id=benchmark_task_id(t), queue=t.queue, **(after_either if len(TARGETS) == 1 else {}), pool=t.pool, pool_slots=DEPLOYMENT.benchmark_slots(t.pool),
         priority_weight=100, weight_rule="absolute", retries=2,
