@@ -364,7 +364,7 @@ def _pools(home: Home) -> dict[str, int]:
 
 def _set_pools(home: Home, pools: dict[str, int], say=print) -> None:
     for name, slots in pools.items():
-        _airflow(home, "pools", "set", name, str(slots), f"pruneflow: {slots} slot(s), benchmarks never overlap")
+        _airflow(home, "pools", "set", name, str(slots), f"pruneflow: {slots} slot(s)")
         say(f"pool {name}: {slots} slot(s)")
 
 
