@@ -80,8 +80,8 @@ def analyse(tis: list[dict]) -> str:
                 for i in range(max(0, int((x["sch"] - t0) / STEP)), int((x["s"] - t0) / STEP)):
                     waiting[i] = True
     share = Counter(taken)
-    slots = max(x["slots"] for x in tis if x["pool"] == cpu_pool and x["task"] == "benchmark") \
-        if any(x["pool"] == cpu_pool and x["task"] == "benchmark" for x in tis) else None
+    # a benchmark in the CPU pool takes every slot: with fewer taken, it waits with one free
+    slots = max((x["slots"] for x in tis if x["pool"] == cpu_pool and x["task"] == "benchmark"), default=None)
     return "\n".join([
         f"span of the trials' tasks: {t1 - t0:.0f} s",
         "",

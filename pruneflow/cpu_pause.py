@@ -35,6 +35,8 @@ from pathlib import Path
 import psutil
 from filelock import FileLock
 
+from pruneflow.settings import cpu_tasks_dir
+
 __all__ = ["paused", "registered", "registered_tasks"]
 
 LOCK = ".measuring.lock"
@@ -68,9 +70,10 @@ def _own_folder(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def registered(folder: Path, label: str = "") -> Iterator[Path]:
-    """Register this process as a CPU task of the host while the block runs (a benchmark may stop it)."""
-    _own_folder(folder)
+def registered(folder: Path | None = None, label: str = "") -> Iterator[Path]:
+    """Register this process as a CPU task of the host while the block runs (a benchmark may stop it);
+    ``folder`` defaults to the deployment's (:func:`pruneflow.settings.cpu_tasks_dir`)."""
+    folder = _own_folder(folder or cpu_tasks_dir())
     me = psutil.Process()
     path = folder / f"{me.pid}.json"
     with FileLock(folder / LOCK):
@@ -101,12 +104,14 @@ def registered_tasks(folder: Path) -> list[psutil.Process]:
 
 
 @contextlib.contextmanager
-def paused(folder: Path, say: Callable[[str], None] | None = None) -> Iterator[list[int]]:
-    """Stop the host's registered CPU tasks while the block runs; yields their pids (empty: none)."""
+def paused(folder: Path | None = None, say: Callable[[str], None] | None = None) -> Iterator[list[int]]:
+    """Stop the host's registered CPU tasks while the block runs; yields their pids (empty: none).
+    ``folder`` defaults to the deployment's, as in :func:`registered`."""
     if not _can_pause():
         yield []
         return
-    with FileLock(_own_folder(folder) / LOCK), _stopped(registered_tasks(folder), say) as stopped:
+    folder = _own_folder(folder or cpu_tasks_dir())
+    with FileLock(folder / LOCK), _stopped(registered_tasks(folder), say) as stopped:
         yield stopped
 
 

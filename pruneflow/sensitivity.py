@@ -155,7 +155,6 @@ def measure_latency(measured: dict, progress: Progress = _quiet, worker: dict | 
     :func:`pruneflow.stages.benchmark`). Returns the profile."""
     from pruneflow.bench import BenchmarkOptions, compare
     from pruneflow.cpu_pause import paused
-    from pruneflow.settings import cpu_tasks_dir
     from pruneflow.stages import write_latency
 
     t0 = time.perf_counter()
@@ -165,7 +164,7 @@ def measure_latency(measured: dict, progress: Progress = _quiet, worker: dict | 
     progress(f"benchmark: {len(points) + 1} models, {options.rounds} rounds interleaved in one run")
     cmp = compare([dense["model"]] + [p["model"] for p in points], options,
                   labels=["dense"] + [p["label"] for p in points], progress=progress,
-                  isolation=lambda: paused(cpu_tasks_dir(), progress))
+                  isolation=lambda: paused(say=progress))
     for m, path in zip(cmp["models"], [dense["model"]] + [p["model"] for p in points], strict=True):
         write_latency(Path(path).parent, {k: v for k, v in m.items() if k != "label"}, worker)
     latency = {m["label"]: m["latency_ms"]["median"] for m in cmp["models"]}

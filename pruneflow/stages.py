@@ -437,7 +437,6 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet, worker: dict | None 
 
     from pruneflow.bench import measure
     from pruneflow.cpu_pause import paused
-    from pruneflow.settings import cpu_tasks_dir
 
     trial_dir = spec.trial_dir()
     _start_stage(trial_dir, "benchmark")
@@ -447,7 +446,7 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet, worker: dict | None 
     say = lambda s: progress(f"benchmark: {s}")  # noqa: E731
     # the host's torch tasks (pruneflow.cpu_pause) are stopped while it measures
     result = measure(model_path, opts, check=(ref["input"], ref["output"]), check_atol=spec.export.parity_atol,
-                     progress=say, isolation=lambda: paused(cpu_tasks_dir(), say))
+                     progress=say, isolation=lambda: paused(say=say))
     write_latency(trial_dir, result, worker)
     lat = result["latency_ms"]
     tput = result["throughput"]

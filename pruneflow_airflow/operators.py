@@ -146,7 +146,6 @@ def stage_environment(uses_torch: bool = True, label: str = ""):
     and the data set cache."""
     from pruneflow.cpu_pause import registered
     from pruneflow.data import dataset_cache
-    from pruneflow.settings import cpu_tasks_dir
     from pruneflow.threads import torch_threads
 
     with contextlib.ExitStack() as stack:
@@ -154,7 +153,7 @@ def stage_environment(uses_torch: bool = True, label: str = ""):
         if uses_torch:
             stack.enter_context(torch_threads(task_threads()))
             if pauses_for_benchmarks():
-                stack.enter_context(registered(cpu_tasks_dir(), label))
+                stack.enter_context(registered(label=label))
         yield
 
 

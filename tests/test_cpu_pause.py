@@ -177,3 +177,13 @@ def test_a_new_folder_is_private(tmp_path):
     folder = tmp_path / "new" / "cpu-tasks"
     with registered(folder):
         assert folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_default_folder_is_the_deployments(tasks, monkeypatch):
+    folder, start = tasks
+    monkeypatch.setenv("PRUNEFLOW_CPU_TASKS", str(folder))
+    (proc,) = start()
+    with paused() as stopped:
+        assert stopped == [proc.pid] and proc.status() == psutil.STATUS_STOPPED
+    with registered(label="me") as mine:
+        assert mine.parent == folder

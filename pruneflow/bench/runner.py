@@ -108,6 +108,10 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _isolated(isolation: Callable[[], AbstractContextManager[list[int]]] | None) -> AbstractContextManager[list[int]]:
+    return isolation() if isolation else contextlib.nullcontext([])
+
+
 def _load_avg() -> list[float] | None:
     try:
         return [round(v, 3) for v in os.getloadavg()]
@@ -440,7 +444,7 @@ def measure(
 
     x = loaded.make_input(options.seed)
     rounds = _Rounds()
-    with isolation() if isolation else contextlib.nullcontext([]) as stopped, _gc_paused():
+    with _isolated(isolation) as stopped, _gc_paused():
         if options.warmup:
             _warm_up(loaded, x, options.warmup)
             _emit(progress, f"warm-up: {options.warmup} calls")
@@ -511,7 +515,7 @@ def compare(
     rounds = [_Rounds() for _ in range(n)]
     slots: list[list[int]] = [[] for _ in range(n)]
     slot = 0
-    with isolation() if isolation else contextlib.nullcontext([]) as stopped, _gc_paused():
+    with _isolated(isolation) as stopped, _gc_paused():
         if options.warmup:
             for m, x in zip(loaded, inputs, strict=True):
                 _warm_up(m, x, options.warmup)
