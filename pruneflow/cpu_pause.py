@@ -29,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from pruneflow.settings import cpu_tasks_dir
 __all__ = ["paused", "registered", "registered_tasks"]
 
 LOCK = ".measuring.lock"
+STOP_WAIT_S = 2.0  # a SIGSTOPped process on a busy host stops within milliseconds; this is a bound
 
 # Reads its pipe until the benchmark closes it (or dies), then resumes the pids it was given.
 _WATCHDOG = (
@@ -130,6 +132,7 @@ def _stopped(tasks: list[psutil.Process], say: Callable[[str], None] | None) -> 
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGSTOP)  # psutil checks the pid still names the same process
                 stopped.append(proc.pid)
+        _wait_until_stopped(tasks)
         if say:
             say(f"paused {len(stopped)} CPU task(s) while measuring: pid {', '.join(map(str, stopped))}")
         yield stopped
@@ -141,3 +144,23 @@ def _stopped(tasks: list[psutil.Process], say: Callable[[str], None] | None) -> 
         with contextlib.suppress(subprocess.TimeoutExpired):
             watchdog.wait(timeout=10)
         watchdog.stdout.close()
+
+
+def _wait_until_stopped(tasks: list[psutil.Process], timeout: float = STOP_WAIT_S) -> None:
+    """Return once every task has stopped (or is gone): SIGSTOP takes effect when the kernel next
+    schedules the task, not when ``kill`` returns, and the measurement must not overlap a task still
+    running. Gives up after ``timeout`` (a task stopped under a tracer, say), measuring anyway."""
+    deadline = time.monotonic() + timeout
+    waiting = list(tasks)
+    while waiting and time.monotonic() < deadline:
+        waiting = [p for p in waiting if _still_running(p)]
+        if waiting:
+            time.sleep(0.001)
+
+
+def _still_running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE,
+                                     psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False

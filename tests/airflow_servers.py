@@ -159,6 +159,21 @@ class AirflowServers:
             time.sleep(2)
         return run or {"state": "unknown"}
 
+    def patch(self, client: httpx.Client, url: str, body: dict, tries: int = 6) -> httpx.Response:
+        """PATCH, tried again on a 500: on the SQLite metadata DB (WAL), a write whose read snapshot another
+        process's commit made stale fails at once with "database is locked" (no busy wait), which the API
+        server answers as "Database error". Seen in CI on pausing a DAG while its run was ending."""
+        for _ in range(tries - 1):
+            r = client.patch(url, json=body)
+            if r.status_code != 500:
+                return r
+            time.sleep(1)
+        return client.patch(url, json=body)
+
+    def set_paused(self, client: httpx.Client, dag_id: str, paused: bool) -> None:
+        r = self.patch(client, f"/api/v2/dags/{dag_id}", {"is_paused": paused})
+        assert r.status_code == 200 and r.json()["is_paused"] is paused, r.text
+
     def task_states(self, client: httpx.Client, run_id: str, dag_id: str = DAG_ID) -> dict[str, str]:
         r = client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         return {ti["task_id"]: ti["state"] for ti in r.json().get("task_instances", [])}

@@ -137,8 +137,7 @@ def test_trials_triggered_by_rest_and_cli_run_to_success(airflow_servers: Airflo
     s = airflow_servers
     with s.client() as client:
         s.wait_for_dag(client)
-        r = client.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
-        assert r.status_code == 200 and r.json()["is_paused"] is False, r.text
+        s.set_paused(client, DAG_ID, False)
         conf = {**RAPID, "trial_id": "e2e-rest", "name": "e2e-rest", "sparsities": {"layer3": 0.5}}
         t0 = time.monotonic()
         r = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})

@@ -80,7 +80,7 @@ def test_sweep_rounds_resume_report_and_plugin(airflow_servers):  # noqa: F811
     client = s.client(s.token())
     for dag_id in ("prune_trial", "prune_sweep"):
         s.wait_for_dag(client, dag_id)
-        assert client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).status_code == 200
+        s.set_paused(client, dag_id, False)
 
     bad = client.post("/api/v2/dags/prune_sweep/dagRuns", json={
         "logical_date": None, "conf": {"study": "x", "objective": "top1_under_latency", "latency_budget": {"value": 2}}})
@@ -119,9 +119,9 @@ def test_sweep_rounds_resume_report_and_plugin(airflow_servers):  # noqa: F811
     assert index.status_code == 200 and "airflow-sweep" in index.text
 
 
-def _unpause(client, *dag_ids: str) -> None:
+def _unpause(s, client, *dag_ids: str) -> None:
     for dag_id in dag_ids:
-        assert client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).status_code == 200
+        s.set_paused(client, dag_id, False)
 
 
 def _post_sweep(client, conf: dict) -> str:
@@ -141,7 +141,7 @@ def test_a_dense_trial_that_keeps_failing_fails_the_sweep_with_the_reason(airflo
     s = airflow_servers
     client = s.client(s.token())
     s.wait_for_dag(client, "prune_sweep")
-    _unpause(client, "prune_trial", "prune_sweep")
+    _unpause(s, client, "prune_trial", "prune_sweep")
     missing = s.out / "trials" / "no-such-baseline" / "model.pt"  # every trial fails in ensure_baseline (in prune_to_export)
     run_id = _post_sweep(client, {
         "study": "dense-fails", "n_trials": 2, "parallel": 2, "sampler": "random", "space": SPACE,
@@ -177,7 +177,7 @@ def test_the_nightly_schedule_continues_its_studies_and_a_killed_sweep_resumes(a
     s = airflow_servers
     client = s.client(s.token())
     s.wait_for_dag(client, "prune_sweep")
-    _unpause(client, "prune_trial", "prune_sweep")
+    _unpause(s, client, "prune_trial", "prune_sweep")
     killed = {"study": "killed-sweep", "n_trials": 2, "parallel": 1, "sampler": "random", "space": SPACE,
               "trial": TRIAL, "report": False}
     run_id = _post_sweep(client, killed)
@@ -189,7 +189,7 @@ def test_the_nightly_schedule_continues_its_studies_and_a_killed_sweep_resumes(a
     while s.task_states(client, run_id, dag_id="prune_sweep").get("run_trials") != "deferred":
         assert time.monotonic() < deadline, "the sweep's lane never waited for its trial"
         time.sleep(0.2)
-    assert client.patch(f"/api/v2/dags/prune_sweep/dagRuns/{run_id}", json={"state": "failed"}).status_code == 200
+    assert s.patch(client, f"/api/v2/dags/prune_sweep/dagRuns/{run_id}", {"state": "failed"}).status_code == 200
     assert [t.state.name for t in _study(s, "killed-sweep").trials] == ["RUNNING"]  # asked, never told
 
     (s.out / "nightly.yaml").write_text(yaml.safe_dump([
@@ -207,14 +207,14 @@ def test_the_nightly_schedule_continues_its_studies_and_a_killed_sweep_resumes(a
     while _t(client.get("/api/v2/dags/prune_sweep_nightly/details").json()["last_parsed_time"]) < touched:
         assert time.monotonic() < deadline, "prune_sweep_nightly.py was not re-parsed after it was touched"
         time.sleep(0.5)
-    _unpause(client, "prune_sweep_nightly")  # catchup off: the scheduler's next tick on the schedule runs it
+    _unpause(s, client, "prune_sweep_nightly")  # catchup off: the scheduler's next tick on the schedule runs it
     deadline = time.monotonic() + 300
     while not (nights := _nights(client)):
         assert time.monotonic() < deadline, "the scheduler did not run prune_sweep_nightly on its schedule"
         time.sleep(1)
     assert s.wait_for_run(client, nights[0]["dag_run_id"], dag_id="prune_sweep_nightly")["state"] == "success"
     (s.out / "nightly.yaml").write_text("[]\n")  # later ticks (every minute) continue nothing
-    assert client.patch("/api/v2/dags/prune_sweep_nightly", json={"is_paused": True}).status_code == 200
+    s.set_paused(client, "prune_sweep_nightly", True)
     # The schedule ticks every minute, so the next tick can come before the list is emptied: count the nights
     # that read it (each continued both studies by one trial) rather than assume there was one.
     nights = _nights(client)
