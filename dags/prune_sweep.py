@@ -44,7 +44,6 @@ with DAG(
     def plan(params: dict | None = None, run_id: str | None = None) -> list[list[dict]]:
         from pruneflow.sweep import lane_items, promote_round, start_sweep
         from pruneflow.sweep_conf import sweep_from_params
-        from pruneflow.sweep_handover import note_run
         from pruneflow_airflow.sweep_lane import sweep_run_active
 
         sweep = sweep_from_params(params)
@@ -52,7 +51,6 @@ with DAG(
         start_sweep(sweep, run_id, screening=not stage, active=sweep_run_active, progress=print)
         if stage:
             return lane_items(sweep, specs=promote_round(sweep, stage, print, run_id))
-        note_run(sweep, run_id)  # its trials hand over to their lane's next trial themselves
         return lane_items(sweep)
 
     lanes = plan()

@@ -140,14 +140,6 @@ def pauses_for_benchmarks() -> bool:
     return airflow_conf.getboolean("pruneflow", "benchmark_pauses_torch_tasks", fallback=True)
 
 
-def sweep_hand_over() -> bool:
-    """``[pruneflow] sweep_hand_over`` (default on): a sweep's screening trial tells the search and triggers
-    its lane's next trial from its ``record`` task, instead of leaving both to the lane once the run ended."""
-    from airflow.configuration import conf as airflow_conf
-
-    return airflow_conf.getboolean("pruneflow", "sweep_hand_over", fallback=True)
-
-
 @contextlib.contextmanager
 def stage_environment(uses_torch: bool = True, label: str = ""):
     """What every stage runs in: its torch threads and its registration as a CPU task (when it runs torch),
@@ -449,46 +441,3 @@ class RecordOperator(TrialStageOperator):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", TriggerRule.NONE_FAILED)
         super().__init__(**kwargs)
-
-    def execute(self, context: Context) -> Any:
-        """Record; then, for a sweep's screening trial, hand over to the lane's next trial: tell the search,
-        ask the next and trigger its run (:mod:`pruneflow.sweep_handover`), before this run ends."""
-        from airflow.sdk.exceptions import DagRunTriggerException
-
-        from pruneflow.sweep_conf import trial_conf
-        from pruneflow_airflow.sweep_lane import trial_run_id
-
-        out = super().execute(context)
-        nxt = self._next_trial(context) if sweep_hand_over() else None
-        if nxt is None:
-            return out
-        run_id = trial_run_id(nxt["trial_id"], self._sweep_run)
-        context["ti"].xcom_push(key="return_value", value=out)  # the exception ends execute
-        # skip_when_already_exists: only a lane that woke meanwhile (it never should) triggers it first
-        raise DagRunTriggerException(
-            trigger_dag_id=self.dag_id, dag_run_id=run_id, conf=trial_conf(nxt), logical_date=None,
-            reset_dag_run=False, skip_when_already_exists=True, wait_for_completion=False, allowed_states=[],
-            failed_states=[], poke_interval=0, deferrable=False)
-
-    def _next_trial(self, context: Context) -> dict | None:
-        """The lane's next trial to trigger, or None (not a sweep trial, its sweep run ended, nothing to
-        hand over). A failure here is logged, not raised: the trial is recorded, and the lane takes over."""
-        from pruneflow.sweep_handover import next_in_lane
-        from pruneflow_airflow.sweep_lane import sweep_run_active, sweep_run_of, trial_run_id
-
-        spec = self._trial_spec
-        self._sweep_run = sweep_run_of(context["run_id"], spec.trial_id)
-        if spec.sweep is None or self._sweep_run is None:
-            return None
-        try:
-            if not sweep_run_active(self._sweep_run):
-                self.log.info("sweep run %s has ended: no next trial", self._sweep_run)
-                return None
-            nxt = next_in_lane(spec.model_dump(mode="json"), self._sweep_run, self.log.info)
-            if nxt is not None and context["ti"].get_dr_count(self.dag_id, run_ids=[
-                    trial_run_id(nxt["trial_id"], self._sweep_run)]) > 0:
-                return None
-            return nxt
-        except Exception:
-            self.log.warning("could not hand over to the sweep lane's next trial; the lane will", exc_info=True)
-            return None

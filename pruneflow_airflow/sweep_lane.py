@@ -5,11 +5,6 @@ until the run ends; the triggerer watches the run (``DagStateTrigger``, polled e
 seconds), so a waiting lane holds no executor slot or Celery worker process. Back from the wait, the same
 task tells the search (:func:`pruneflow.sweep.tell_trial`) and asks the next trial at once. Everything the
 lane knows is in the study (each trial carries its slot), so a retried or cleared lane picks up where it was.
-
-A screening trial normally hands over itself: its ``record`` task tells the search and triggers the lane's
-next trial before its run ends (:mod:`pruneflow.sweep_handover`, ``[pruneflow] sweep_hand_over``). The lane
-then wakes to find that run started and waits on it; its own turn is off the trials' critical path, so it
-polls every :data:`HANDED_OVER_POLL` s instead of every second (the triggerer's polls cost CPU the trials need).
 """
 
 from __future__ import annotations
@@ -27,20 +22,11 @@ if TYPE_CHECKING:
 TRIAL_END_STATES = ["success", "failed"]
 #: a fraction latency budget waits this long between looks for the dense latency
 DENSE_WAIT = timedelta(seconds=2)
-#: seconds between the triggerer's looks at a trial run: the lane does the hand-over itself / trials hand over
-LANE_POLL = 1.0
-HANDED_OVER_POLL = 5.0
 
 
 def trial_run_id(trial_id: str, sweep_run_id: str) -> str:
     """The prune_trial run of a trial: one per trial and sweep run, so a lane that runs again finds it."""
     return f"sweep__{trial_id}__{sweep_run_id}"
-
-
-def sweep_run_of(trial_run: str, trial_id: str) -> str | None:
-    """The sweep run a prune_trial run id names (:func:`trial_run_id`), or None."""
-    prefix = trial_run_id(trial_id, "")
-    return (trial_run[len(prefix):] or None) if trial_run.startswith(prefix) else None
 
 
 def sweep_run_active(run_key: str) -> bool:
@@ -56,15 +42,14 @@ class SweepLaneOperator(BaseOperator):
 
     :param items: this lane's trials (mapped from the ``plan`` task).
     :param trial_dag_id: the DAG that runs one trial.
-    :param poll_interval: seconds between the triggerer's looks at a running trial (default:
-        :data:`HANDED_OVER_POLL` when trials hand over, else :data:`LANE_POLL`).
+    :param poll_interval: seconds between the triggerer's looks at a running trial.
     """
 
     template_fields: Sequence[str] = ("items",)
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, items: list[dict[str, Any]], trial_dag_id: str = "prune_trial",
-                 poll_interval: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, items: list[dict[str, Any]], trial_dag_id: str = "prune_trial", poll_interval: float = 1.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.items = items
         self.trial_dag_id = trial_dag_id
@@ -84,10 +69,8 @@ class SweepLaneOperator(BaseOperator):
 
         from pruneflow import sweep as sw
         from pruneflow.sweep_conf import sweep_from_params, trial_conf
-        from pruneflow_airflow.operators import sweep_hand_over
 
         ti = context["ti"]
-        poll = self.poll_interval or (HANDED_OVER_POLL if sweep_hand_over() else LANE_POLL)
         sweep = sweep_from_params(context["params"])
         run_key = context["run_id"]
         while (spec := self._current(sweep, run_key)) is not None:
@@ -98,10 +81,10 @@ class SweepLaneOperator(BaseOperator):
                     trigger_dag_id=self.trial_dag_id, dag_run_id=run_id, conf=trial_conf(spec),
                     logical_date=None, reset_dag_run=False, skip_when_already_exists=False,
                     wait_for_completion=True, allowed_states=TRIAL_END_STATES, failed_states=[],
-                    poke_interval=poll, deferrable=True)
+                    poke_interval=self.poll_interval, deferrable=True)
             if ti.get_dagrun_state(self.trial_dag_id, run_id) not in TRIAL_END_STATES:
                 self.defer(trigger=DagStateTrigger(dag_id=self.trial_dag_id, states=TRIAL_END_STATES,
-                                                   run_ids=[run_id], poll_interval=poll),
+                                                   run_ids=[run_id], poll_interval=self.poll_interval),
                            method_name="execute_complete")
             told = sw.tell_trial(sweep, spec, self.log.info)
             if told["state"] == sw.WAIT:

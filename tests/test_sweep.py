@@ -299,34 +299,3 @@ def test_lanes_asking_at_once_get_one_trial_each(tmp_path, backend, request):
     study = optuna.load_study(study_name="race", storage=db)
     assert [t.state.name for t in study.trials] == ["RUNNING"] * 4
     assert sorted(t.user_attrs["slot"] for t in study.trials) == [f"run/{i}" for i in range(4)]
-
-
-def test_a_recorded_trial_hands_over_to_its_lanes_next_trial_and_nothing_else(tmp_path):
-    """next_in_lane tells the recorded trial and asks the next slot of the same lane (lane i runs slots i,
-    i + parallel, ...), exactly as the lane would; a trial that its run did not ask for, a run that noted no
-    sweep spec, and a lane that has run all its slots hand over nothing."""
-    from pruneflow.sweep import current_trial, lane_items, start_sweep
-    from pruneflow.sweep_handover import next_in_lane, note_run
-
-    sweep = _sweep(tmp_path, n_trials=5, parallel=2, sampler="random", include_dense=False)
-    start_sweep(sweep, "run")
-    lanes = lane_items(sweep)
-    first = current_trial(sweep, lanes[1], "run")  # slot 1
-    synthetic_runner()(first)
-    assert next_in_lane(first, "run") is None  # the run noted no sweep spec: not a hand-over run
-    note_run(sweep, "run")
-    assert next_in_lane(first, "another-run") is None  # asked by "run", not by the run the trial names
-    assert next_in_lane({**first, "trial_id": "s-0099"}, "run") is None  # not the trial id that was asked
-    assert optuna.load_study(study_name="s", storage=sweep.trial_spec().db).trials[0].state.name == "RUNNING"
-
-    nxt = next_in_lane(first, "run")
-    study = optuna.load_study(study_name="s", storage=sweep.trial_spec().db)
-    assert study.trials[0].state.name == "COMPLETE"  # told
-    assert study.trials[nxt["sweep"]["optuna_trial_number"]].user_attrs["slot"] == "run/3"  # slot 1 + parallel
-    assert current_trial(sweep, lanes[1], "run") == nxt  # the lane finds the same trial: asked once
-    assert next_in_lane(first, "run") == nxt  # handing over twice asks nothing more
-    synthetic_runner()(nxt)
-    assert next_in_lane(nxt, "run") is None  # slot 5 is past n_trials: the lane is done...
-    study = optuna.load_study(study_name="s", storage=sweep.trial_spec().db)
-    assert study.trials[nxt["sweep"]["optuna_trial_number"]].state.name == "COMPLETE"  # ...once told
-    assert len(study.trials) == 2
