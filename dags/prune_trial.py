@@ -55,7 +55,7 @@ from pruneflow_airflow.operators import (
 )
 from pruneflow_airflow.params import trial_params
 
-# The machine-wide CPU pool: a torch task takes one slot. A benchmark has a pool of one slot per device and
+# The machine-wide CPU pool: a torch stage's task takes one slot. A benchmark has a pool of one slot per device and
 # stops its host's torch tasks while it measures (pruneflow.cpu_pause); one in the CPU pool takes every slot.
 DEPLOYMENT = deployment()
 TARGETS = bench_targets(DEPLOYMENT.devices, DEPLOYMENT.benchmark_queue, DEPLOYMENT.benchmark_pool)
@@ -71,8 +71,10 @@ with DAG(
     default_args={"owner": "pruneflow", "retries": 0},
 ) as dag:
     cpu = {"pool": DEPLOYMENT.cpu_pool, "pool_slots": 1}
+    # validate's plan check takes a fraction of a second: outside the CPU pool it does not hold a slot that
+    # another trial's torch stages wait for (benchmarks/RESULTS.md, "validate outside the CPU pool")
     validate = ValidateTrialOperator(task_id="validate", bench_targets=TARGETS, rapid_task_id="prune_to_export",
-                                     staged_task_id="ensure_baseline", execution_timeout=timedelta(minutes=10), **cpu)
+                                     staged_task_id="ensure_baseline", execution_timeout=timedelta(minutes=10))
     ensure_baseline = EnsureBaselineOperator(task_id="ensure_baseline", execution_timeout=timedelta(hours=6), **cpu)
     prune = PruneOperator(task_id="prune", execution_timeout=timedelta(hours=1), **cpu)
     thinnify = ThinnifyOperator(task_id="thinnify", execution_timeout=timedelta(hours=1), **cpu)

@@ -168,7 +168,8 @@ def test_trials_triggered_by_rest_and_cli_run_to_success(airflow_servers: Airflo
     assert a1 <= b0, f"the two benchmarks overlapped: {a0}..{a1} and {b0}..{b1}"
     torch_tasks = [ti for ti in tis if ti["task_id"] not in ("benchmark", "record") and ti["state"] != "skipped"]
     assert {t["task_id"] for t in torch_tasks} == {"validate", "prune_to_export"}  # a rapid trial's path
-    assert {(t["pool"], t["pool_slots"]) for t in torch_tasks} == {("cpu", 1)}
+    assert {t["task_id"]: (t["pool"], t["pool_slots"]) for t in torch_tasks} == {
+        "validate": ("default_pool", 1), "prune_to_export": ("cpu", 1)}
     # A torch task running through a whole benchmark task (with a margin for its own start and end) was
     # registered while the benchmark measured, so the benchmark stopped it (pruneflow.cpu_pause).
     for b in benches:
