@@ -444,7 +444,6 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet, worker: dict | None 
     model_path = trial_dir / ("model.xml" if opts.backend == "openvino" else "model.onnx")
     ref = np.load(trial_dir / "reference.npz")
     say = lambda s: progress(f"benchmark: {s}")  # noqa: E731
-    # the host's torch tasks (pruneflow.cpu_pause) are stopped while it measures
     result = measure(model_path, opts, check=(ref["input"], ref["output"]), check_atol=spec.export.parity_atol,
                      progress=say, isolation=lambda: paused(say=say))
     write_latency(trial_dir, result, worker)

@@ -141,19 +141,22 @@ def pauses_for_benchmarks() -> bool:
 
 
 @contextlib.contextmanager
-def stage_environment(uses_torch: bool = True, label: str = ""):
-    """What every stage runs in: its torch threads and its registration as a CPU task (when it runs torch),
-    and the data set cache."""
+def torch_work(label: str = ""):
+    """Torch work in a task: the task's torch threads, and its process registered as a CPU task of the host
+    (a benchmark there stops it while measuring) unless ``benchmark_pauses_torch_tasks`` is off."""
     from pruneflow.cpu_pause import registered
-    from pruneflow.data import dataset_cache
     from pruneflow.threads import torch_threads
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(dataset_cache(dataset_cache_dir()))
-        if uses_torch:
-            stack.enter_context(torch_threads(task_threads()))
-            if pauses_for_benchmarks():
-                stack.enter_context(registered(label=label))
+    with torch_threads(task_threads()), registered(label=label) if pauses_for_benchmarks() else contextlib.nullcontext():
+        yield
+
+
+@contextlib.contextmanager
+def stage_environment(uses_torch: bool = True, label: str = ""):
+    """What every stage runs in: the data set cache, and :func:`torch_work` when it runs torch."""
+    from pruneflow.data import dataset_cache
+
+    with dataset_cache(dataset_cache_dir()), torch_work(label) if uses_torch else contextlib.nullcontext():
         yield
 
 
@@ -298,17 +301,16 @@ class EnsureBaselineOperator(TrialStageOperator):
     (:func:`pruneflow.stages.ensure_baseline`); a missing explicit path fails."""
 
     ui_color = "#fef7e0"
-    uses_torch = False  # torch is imported only to train a missing baseline, with the task's threads
+    uses_torch = False  # torch is imported only to train a missing baseline (then as torch_work)
     stage = "ensure_baseline"
     artifact_stages = ()  # the baseline lives under PRUNEFLOW_BASELINES, not in the trial folder
 
     def run_stage(self, spec: TrialSpec, context: Context) -> dict[str, Any]:
         from pruneflow import stages
-        from pruneflow.threads import torch_threads
 
         if os.path.isfile(spec.baseline.checkpoint):
             return stages.ensure_baseline(spec, self.progress)
-        with torch_threads(task_threads()):
+        with torch_work(f"{spec.trial_id} {self.task_id}"):  # training: a benchmark stops it too
             return stages.ensure_baseline(spec, self.progress)
 
 

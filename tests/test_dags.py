@@ -362,6 +362,23 @@ def test_preload_imports_what_it_can_and_skips_the_rest(af_env):
     assert preload_modules("") == []
 
 
+def test_torch_work_registers_the_task_for_benchmarks_to_pause_unless_turned_off(af_env, tmp_path, monkeypatch):
+    """Every stage that runs torch (stage_environment) and a baseline trained in ensure_baseline run as
+    torch_work: the task's process is registered in the host's folder of CPU tasks while it works."""
+    from pruneflow.cpu_pause import registered_tasks
+    from pruneflow_airflow.operators import torch_work
+
+    folder = tmp_path / "cpu-tasks"
+    monkeypatch.setenv("PRUNEFLOW_CPU_TASKS", str(folder))
+    with torch_work("t ensure_baseline"):
+        entry = json.loads((folder / f"{os.getpid()}.json").read_text())
+        assert entry["pid"] == os.getpid() and entry["label"] == "t ensure_baseline"
+    assert registered_tasks(folder) == [] and not list(folder.glob("*.json"))
+    monkeypatch.setenv("AIRFLOW__PRUNEFLOW__BENCHMARK_PAUSES_TORCH_TASKS", "False")
+    with torch_work("t"):
+        assert not list(folder.glob("*.json"))
+
+
 def test_prune_sensitivity_writes_the_profile_its_table_and_plot(dagbag, trial_run, tmp_path, monkeypatch):
     """One prune_sensitivity run on the baseline the trial above trained: validate, measure_points,
     benchmark, write_profile; the profile holds one row per set and sparsity, in the reports folder."""
