@@ -268,10 +268,46 @@ def kendall(x: list[float], y: list[float]) -> float | None:
     return None if denom == 0 else (conc - disc) / denom
 
 
+#: below this many pairs a rank correlation is not shown as a figure: of the 24 orderings of 4 pairs, 8 give
+#: |rho| >= 0.8, so such a figure says nothing; at 8 pairs a random ordering reaches |rho| >= 0.74 one time
+#: in twenty
+MIN_RANK_PAIRS = 8
+_BOOTSTRAP_RESAMPLES = 2000
+
+
+def rank_correlation(x: list[float], y: list[float], seed: int = 0) -> dict:
+    """Spearman's rho and Kendall's tau of the pairs with their count ``n`` and a 95% percentile bootstrap
+    interval of rho (``rho_interval``, resampling the pairs; None below :data:`MIN_RANK_PAIRS`);
+    ``meaningful`` is False below that size, where the figures are kept but not presented as a finding."""
+    n = len(x)
+    out = {"n": n, "spearman": spearman(x, y), "kendall": kendall(x, y), "rho_interval": None,
+           "meaningful": n >= MIN_RANK_PAIRS}
+    if out["meaningful"] and out["spearman"] is not None:
+        rng = np.random.default_rng(seed)
+        xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        rhos = [r for idx in rng.integers(0, n, size=(_BOOTSTRAP_RESAMPLES, n))
+                if (r := spearman(list(xa[idx]), list(ya[idx]))) is not None]
+        if rhos:
+            out["rho_interval"] = [float(np.percentile(rhos, 2.5)), float(np.percentile(rhos, 97.5))]
+    return out
+
+
+def describe_rank_correlation(stat: dict) -> str:
+    """The correlation as a reader should take it: with its n and interval, or why there is no figure."""
+    n = stat.get("n", 0)
+    if not stat.get("meaningful") or stat.get("spearman") is None:
+        why = (f"too few pairs for a rank correlation to mean anything (it needs at least {MIN_RANK_PAIRS})"
+               if n < MIN_RANK_PAIRS else "one side is constant")
+        return f"n = {n}: {why}"
+    lo_hi = stat.get("rho_interval")
+    interval = f", 95% bootstrap interval {lo_hi[0]:.2f} to {lo_hi[1]:.2f}" if lo_hi else ""
+    return f"Spearman rho {stat['spearman']:.2f}{interval}, Kendall tau {stat['kendall']:.2f} (n = {n})"
+
+
 def prediction_quality(rows: list[dict]) -> dict:
     """How well the screen predicted fine-tuning: for the trials of the first promotion stage, their screen
-    parent's recalibrated and pruned Top-1 against the Top-1 they reached fine-tuned (Spearman's rho,
-    Kendall's tau), and the fine-tuning compute spent against fine-tuning every screened trial."""
+    parent's recalibrated and pruned Top-1 against the Top-1 they reached fine-tuned
+    (:func:`rank_correlation`), and the fine-tuning compute spent against fine-tuning every screened trial."""
     by_id = {r["trial_id"]: r for r in rows}
     pairs = []
     for r in measured(rows):
@@ -283,7 +319,7 @@ def prediction_quality(rows: list[dict]) -> dict:
     for key in ("recalibrated", "pruned"):
         ok = [p for p in pairs if p[key] is not None]
         x, y = [p[key] for p in ok], [p["achieved"] for p in ok]
-        out[key] = {"n": len(ok), "spearman": spearman(x, y), "kendall": kendall(x, y)}
+        out[key] = rank_correlation(x, y)
     screened = [r for r in rows if (r.get("stage") or 0) == 0 and not r["dense"] and r["status"] != "failed"]
     promoted = [r for r in rows if (r.get("stage") or 0) >= 1]
     final_epochs = max((((r.get("spec_json") or {}).get("finetune") or {}).get("epochs", 0) for r in promoted),

@@ -266,11 +266,12 @@ def _print_answer(out: Path, study: str, compare_rounds: int, progress) -> None:
           f"split.\nTop-1 screen = the rapid trial's Top-1 after BatchNorm recalibration (no training); Top-1 "
           f"fine-tuned = after promotion.\nspeed-up = paired ratio over the dense model, all measured in one run "
           f"of {compare_rounds} interleaved rounds.")
-    if rec.get("spearman") is not None:
-        print(f"screen against fine-tuning over {rec['n']} promoted trials: Spearman rho {rec['spearman']:.2f}, "
-              f"Kendall tau {rec['kendall']:.2f}; fine-tuning spent {c.get('epochs_spent')} epochs against "
-              f"{c.get('epochs_to_fine_tune_all')} to fine-tune every screened trial.")
-    print(f"study {study}: {summary['trials']} trials {summary['by_status']}")
+    if rec:
+        print(f"screen against fine-tuning over the promoted trials: {analysis.describe_rank_correlation(rec)}; "
+              f"fine-tuning spent {c.get('epochs_spent')} epochs against {c.get('epochs_to_fine_tune_all')} to "
+              "fine-tune every screened trial.")
+    counts = ", ".join(f"{n} {status}" for status, n in summary["by_status"].items() if n) or "none recorded"
+    print(f"study {study}: {summary['trials']} trials ({counts})")
     print(f"report: {report_dir / 'report.html'}")
     (report_dir / "demo_front.json").write_text(json.dumps({"rows": table, "comparison": cmp}, indent=2, default=str))
 

@@ -12,7 +12,8 @@ from torch import nn
 
 
 class ParityError(RuntimeError):
-    """An exported model whose outputs differ from torch's beyond the tolerance."""
+    """An exported model whose outputs differ from torch's beyond the tolerance (or whose predicted classes
+    do not agree with torch's)."""
 
 
 def export_onnx(model: nn.Module, input_shape: list[int], path: str | Path, opset: int = 18,
@@ -74,22 +75,22 @@ def _run_openvino(xml_path: Path, inputs: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def check_parity(model: nn.Module, onnx_path: Path, xml_path: Path, inputs: torch.Tensor, atol: float) -> dict:
-    """Compare ONNX Runtime and OpenVINO outputs with torch's on the same inputs (batch 1 each)."""
+def check_parity(model: nn.Module, onnx_path: Path, xml_path: Path, inputs: torch.Tensor, atol: float,
+                 rtol: float) -> dict:
+    """Compare ONNX Runtime's and OpenVINO's outputs with torch's on the same inputs (batch 1 each), by the
+    rule of :mod:`pruneflow.bench.output_check`: one record per runtime, ``passed`` when both pass."""
+    from pruneflow.bench.output_check import compare_outputs
+
     model.eval()
     ref = torch.cat([model(x[None]) for x in inputs]).numpy()
     xs = inputs.numpy().astype(np.float32)
-    ort_out = _run_onnxruntime(onnx_path, xs)
-    ov_out = _run_openvino(xml_path, xs)
-    result = {
-        "samples": len(xs),
-        "atol": atol,
-        "onnxruntime_max_abs_diff": float(np.abs(ort_out - ref).max()),
-        "openvino_max_abs_diff": float(np.abs(ov_out - ref).max()),
-        "onnxruntime_argmax_agreement": float((ort_out.argmax(1) == ref.argmax(1)).mean()),
-        "openvino_argmax_agreement": float((ov_out.argmax(1) == ref.argmax(1)).mean()),
-    }
-    result["passed"] = max(result["onnxruntime_max_abs_diff"], result["openvino_max_abs_diff"]) <= atol
+    runtimes = {"onnxruntime": _run_onnxruntime(onnx_path, xs), "openvino": _run_openvino(xml_path, xs)}
+    checks = {name: compare_outputs(out, ref, atol=atol, rtol=rtol) for name, out in runtimes.items()}
+    result = {"samples": len(xs), "atol": atol, "rtol": rtol, "checks": checks,
+              "passed": all(c["passed"] for c in checks.values())}
+    for name, c in checks.items():  # the flat keys readers of parity.json already use
+        result[f"{name}_max_abs_diff"] = c["max_abs_diff"]
+        result[f"{name}_argmax_agreement"] = c["argmax_agreement"]
     return result
 
 

@@ -44,6 +44,10 @@ class PlanError(ValueError):
     """A pruning request that cannot be planned; the message says which group or layer and why."""
 
 
+class ThinningError(RuntimeError):
+    """A thinned model that does not compute the masked model's function."""
+
+
 class TraceError(PlanError):
     """Torch-Pruning could not build the dependency graph of a model; the message names the model, the
     operation and what to do."""

@@ -220,8 +220,7 @@ def _prediction_html(q: dict) -> str:
     if not q["pairs"]:
         return "<p>Nothing was promoted: every Top-1 here is the screen's estimate.</p>"
     e = html.escape
-    stats = "".join(f"<tr><td>{name} Top-1 of the screen</td><td>{q[k]['n']}</td><td>{_fmt(q[k]['spearman'])}</td>"
-                    f"<td>{_fmt(q[k]['kendall'])}</td></tr>"
+    stats = "".join(f"<tr><td>{name} Top-1 of the screen</td><td>{e(analysis.describe_rank_correlation(q[k]))}</td></tr>"
                     for k, name in (("recalibrated", "recalibrated"), ("pruned", "pruned (as is)")))
     pairs = "".join(f"<tr><td><a href='#{_anchor(p['trial_id'])}'>{e(p['trial_id'])}</a></td><td>{e(p['parent'])}</td>"
                     f"<td>{_fmt(p['pruned'], '.2f')}</td><td>{_fmt(p['recalibrated'], '.2f')}</td>"
@@ -230,7 +229,7 @@ def _prediction_html(q: dict) -> str:
     share = f"{100 * c['share']:.0f}%" if c["share"] is not None else "-"
     return (f"<p>The first promotion stage fine-tuned {len(q['pairs'])} of {c['screened']} screened trials. How well "
             "the screen's Top-1 predicted the fine-tuned Top-1 (rank correlations):</p>"
-            "<table><tr><th>predictor</th><th>trials</th><th>Spearman &rho;</th><th>Kendall &tau;</th></tr>"
+            "<table><tr><th>predictor</th><th>rank correlation with the fine-tuned Top-1</th></tr>"
             f"{stats}</table><p>Fine-tuning spent {c['epochs_spent']} epochs over {c['promoted']} promoted trials, "
             f"against {c['epochs_to_fine_tune_all']} to fine-tune every screened trial for the last stage's epochs "
             f"({share}).</p><table><tr><th>promoted trial</th><th>screened as</th><th>Top-1 pruned</th>"

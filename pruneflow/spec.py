@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from pruneflow.bench.output_check import EXPORT_ATOL, EXPORT_RTOL
 from pruneflow.bench.settings import BenchmarkOptions
 from pruneflow.constants import CRITERIA, ID_PATTERN, ID_RULE, MAX_SPARSITY
 from pruneflow.data import DatasetSpec
@@ -127,7 +128,13 @@ class ExportSpec(_Strict):
     exporter: Literal["torchscript", "dynamo"] = Field(
         "torchscript", description="the torch.onnx exporter: torchscript is ~10x faster to run on small CNNs"
     )
-    parity_atol: float = Field(1e-3, gt=0, description="max |ONNX Runtime/OpenVINO - torch| on logits")
+    parity_rtol: float = Field(
+        EXPORT_RTOL, gt=0, lt=1, description="export parity: max |ONNX Runtime/OpenVINO - torch| may be "
+        "parity_atol + parity_rtol x max |torch output| (f32; the benchmark's reduced-precision check widens rtol)"
+    )
+    parity_atol: float = Field(
+        EXPORT_ATOL, gt=0, description="export parity: the absolute floor of the tolerance, for outputs near zero"
+    )
     parity_samples: int = Field(8, ge=1, le=1024, description="validation images of the parity check")
     compress_to_fp16: bool = Field(False, description="store IR weights as fp16 (storage only)")
 

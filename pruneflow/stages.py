@@ -292,11 +292,15 @@ def _recalibrate(spec: TrialSpec, plan: dict, model, data) -> dict:
     return recalibrate(model, images, rc.batch_size)
 
 
-def thinnify(spec: TrialSpec, progress: Progress = _quiet, tolerance: float = 1e-4) -> dict:
+def thinnify(spec: TrialSpec, progress: Progress = _quiet) -> dict:
+    """Remove the planned filters for real; the thinned model must compute the masked model's function
+    (:data:`pruneflow.bench.output_check.THIN_ATOL` + ``THIN_RTOL`` x max |masked output|, argmax agreeing);
+    thin.json's ``check`` records the comparison."""
     import torch
 
+    from pruneflow.bench.output_check import THIN_ATOL, THIN_RTOL, compare_outputs, describe
     from pruneflow.checkpoint import save_checkpoint
-    from pruneflow.prune import count_params_and_macs, masked_copy, max_output_difference, thin
+    from pruneflow.prune import ThinningError, count_params_and_macs, masked_copy, thin
 
     trial_dir = spec.trial_dir()
     _start_stage(trial_dir, 'thinnify')
@@ -306,9 +310,11 @@ def thinnify(spec: TrialSpec, progress: Progress = _quiet, tolerance: float = 1e
     thinned, history = thin(model, plan)
     masked = masked_copy(model, plan)
     x = data.val[0][:64]
-    diff = max_output_difference(masked, thinned, x)
-    if not diff <= tolerance:
-        raise RuntimeError(f"thinned model differs from the masked model by {diff:.3g} (tolerance {tolerance})")
+    with torch.no_grad():
+        check = compare_outputs(thinned(x).numpy(), masked(x).numpy(), atol=THIN_ATOL, rtol=THIN_RTOL)
+    diff = check["max_abs_diff"]
+    if not check["passed"]:
+        raise ThinningError(f"thinned model differs from the masked model: {describe(check)}")
     recal = _recalibrate(spec, plan, thinned, data)  # after the check: both were compared as pruned
     params_before, macs_before = count_params_and_macs(model, shape)
     params_after, macs_after = count_params_and_macs(thinned, shape)
@@ -316,14 +322,14 @@ def thinnify(spec: TrialSpec, progress: Progress = _quiet, tolerance: float = 1e
                            meta={"baseline": spec.baseline.checkpoint, "recalibration": recal})
     baseline_size = Path(spec.baseline.checkpoint).stat().st_size
     info = {
-        "max_abs_diff": diff, "tolerance": tolerance, "params_before": params_before, "params_after": params_after,
+        "max_abs_diff": diff, "tolerance": check["tolerance"], "check": check, "params_before": params_before, "params_after": params_after,
         "macs_before": macs_before, "macs_after": macs_after, "checkpoint_bytes_before": baseline_size,
         "checkpoint_bytes_after": ckpt.stat().st_size, "checkpoint": str(ckpt),
         "check_batch": int(x.shape[0]), "torch_threads": torch.get_num_threads(), "recalibration": recal,
     }
     _write(trial_dir, "thin.json", info)
     progress(f"thinnify: params {params_before:,} -> {params_after:,}, MACs {macs_before:,} -> {macs_after:,}, "
-             f"max |thinned - masked| {diff:.2e}")
+             f"max |thinned - masked| {diff:.2e} ({check['relative_diff']:.1e} of the outputs' scale)")
     return {"checkpoint": str(ckpt), "params_after": params_after, "macs_after": macs_after, "max_abs_diff": diff}
 
 
@@ -389,6 +395,7 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
 
 
 def export(spec: TrialSpec, progress: Progress = _quiet) -> dict:
+    from pruneflow.bench.output_check import describe
     from pruneflow.checkpoint import load_checkpoint
     from pruneflow.export import ParityError, check_parity, export_onnx, export_openvino, save_reference
 
@@ -401,16 +408,16 @@ def export(spec: TrialSpec, progress: Progress = _quiet) -> dict:
     xml_path = export_openvino(onnx_path, trial_dir / "model.xml", shape, spec.export.compress_to_fp16)
     data = _dataset(spec)
     inputs = data.val[0][: spec.export.parity_samples]
-    parity = check_parity(model, onnx_path, xml_path, inputs, spec.export.parity_atol)
+    parity = check_parity(model, onnx_path, xml_path, inputs, spec.export.parity_atol, spec.export.parity_rtol)
     _write(trial_dir, "parity.json", parity)
     save_reference(trial_dir / "reference.npz", inputs, model)
     worst = max(parity["onnxruntime_max_abs_diff"], parity["openvino_max_abs_diff"])
     if not parity["passed"]:
-        raise ParityError(
-            f"export parity failed: max |ONNX Runtime - torch| {parity['onnxruntime_max_abs_diff']:.3g}, "
-            f"max |OpenVINO - torch| {parity['openvino_max_abs_diff']:.3g} > export.parity_atol {spec.export.parity_atol:g}"
-        )
-    progress(f"export: {onnx_path.name} + {xml_path.name}, parity max diff {worst:.2e}")
+        failed = "; ".join(f"{name}: {describe(c)}" for name, c in parity["checks"].items() if not c["passed"])
+        raise ParityError(f"export parity failed (export.parity_atol {spec.export.parity_atol:g}, "
+                          f"export.parity_rtol {spec.export.parity_rtol:g}): {failed}")
+    rel = max(c["relative_diff"] for c in parity["checks"].values())
+    progress(f"export: {onnx_path.name} + {xml_path.name}, parity max diff {worst:.2e} ({rel:.1e} of the outputs' scale)")
     return {"onnx": str(onnx_path), "openvino": str(xml_path), "parity_max_abs_diff": worst}
 
 
@@ -445,6 +452,7 @@ def benchmark(spec: TrialSpec, progress: Progress = _quiet, worker: dict | None 
     ref = np.load(trial_dir / "reference.npz")
     say = lambda s: progress(f"benchmark: {s}")  # noqa: E731
     result = measure(model_path, opts, check=(ref["input"], ref["output"]), check_atol=spec.export.parity_atol,
+                     check_rtol=spec.export.parity_rtol,
                      progress=say, isolation=lambda: paused(say=say))
     write_latency(trial_dir, result, worker)
     lat = result["latency_ms"]

@@ -27,6 +27,7 @@ from pruneflow.bench import (
     summarize,
 )
 from pruneflow.bench.backends import LoadedModel
+from pruneflow.bench.output_check import EXPORT_ATOL, EXPORT_RTOL  # spec.export's defaults
 from pruneflow.bench.runner import (
     ARGMAX_TIE_RTOL,
     MIN_ARGMAX_AGREEMENT,
@@ -529,7 +530,6 @@ def torch_ir(tmp_path_factory):
     return xml, x.numpy(), ref
 
 
-EXPORT_ATOL = 1e-3  # spec.export.parity_atol's default, what the benchmark stage passes as check_atol
 
 
 @pytest.mark.parametrize("precision", ["f32", "f16", "bf16"])
@@ -543,18 +543,19 @@ def test_check_fits_the_precision(torch_ir, precision):
     c = r["check"]
     assert c["passed"] and c["precision"] == precision and c["precision_source"] == "compiled model"
     assert c["samples"] == 16 and c["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT
-    assert r["check_max_abs_diff"] == c["max_abs_diff"] <= c["atol"]
+    assert r["check_max_abs_diff"] == c["max_abs_diff"] <= c["tolerance"]
     scale = float(np.abs(ref).max())
     assert c["output_scale"] == pytest.approx(scale)
     if precision == "f32":
-        assert c["atol"] == EXPORT_ATOL and c["rtol"] is None and c["min_argmax_agreement"] is None
+        assert c["atol"] == EXPORT_ATOL and c["rtol"] == EXPORT_RTOL and c["min_argmax_agreement"] == 1.0
+        assert c["tolerance"] == pytest.approx(EXPORT_ATOL + EXPORT_RTOL * scale) and c["decided_by"] == "rtol"
         assert c["max_abs_diff"] < 1e-5
     else:
         assert c["rtol"] == REDUCED_PRECISION_RTOL[precision]
-        assert c["atol"] == pytest.approx(max(EXPORT_ATOL, REDUCED_PRECISION_RTOL[precision] * scale))
+        assert c["tolerance"] == pytest.approx(EXPORT_ATOL + REDUCED_PRECISION_RTOL[precision] * scale)
         assert c["min_argmax_agreement"] == MIN_ARGMAX_AGREEMENT
-        # the reason for the fix: at reduced precision the logits move by more than the export tolerance
-        assert c["max_abs_diff"] > EXPORT_ATOL
+        # the reason for the wider rtol: at reduced precision the logits move by more than the f32 tolerance
+        assert c["max_abs_diff"] > EXPORT_ATOL + EXPORT_RTOL * scale
     assert precision in format_result(r)
 
 
@@ -568,7 +569,7 @@ def test_reduced_precision_check_still_catches_a_wrong_model(torch_ir):
     ran = info.value.details["precision"]
     assert f"at precision {ran}" in msg and "max abs diff" in msg and "tolerance" in msg
     assert "argmax agreement" in msg
-    assert info.value.details["passed"] is False and info.value.max_abs_diff > info.value.details["atol"]
+    assert info.value.details["passed"] is False and info.value.max_abs_diff > info.value.details["tolerance"]
 
 
 class _FakeLoaded(LoadedModel):
@@ -602,20 +603,21 @@ def _flipped(n: int, flips: int, runner_up: float = 0.9) -> tuple[np.ndarray, np
 def _check(out, ref, requested: str, ran: str | None):
     loaded = _FakeLoaded(out, ran)
     x = np.zeros((len(ref), 4), dtype=np.float32)
-    return _parity_check(loaded, BenchmarkOptions(precision=requested), (x, ref), 1e-3, None)
+    return _parity_check(loaded, BenchmarkOptions(precision=requested), (x, ref), EXPORT_ATOL, EXPORT_RTOL, None)
 
 
 def test_argmax_agreement_threshold():
     out, ref = _flipped(10, 1)  # 9 of 10 agree: enough
     rec = _check(out, ref, "bf16", "bf16")
-    assert rec["passed"] and rec["argmax_agreement"] == pytest.approx(0.9) and rec["atol"] == 0.125
+    assert rec["passed"] and rec["argmax_agreement"] == pytest.approx(0.9)
+    assert rec["tolerance"] == pytest.approx(0.125 + EXPORT_ATOL) and rec["decided_by"] == "rtol"
     assert rec["argmax_decisive_samples"] == 10 and rec["argmax_tie_margin"] == ARGMAX_TIE_RTOL["bf16"]
     out, ref = _flipped(10, 2)  # 8 of 10
-    with pytest.raises(ParityError, match=r"argmax agreement 0\.800 of 10 sample\(s\)") as info:
+    with pytest.raises(ParityError, match=r"argmax agreement 0\.800 of 10 decisive sample\(s\)") as info:
         _check(out, ref, "bf16", "bf16")
-    assert "(needs >= 0.9)" in str(info.value)
+    assert "needs >= 0.9)" in str(info.value)
     assert info.value.details["argmax_agreement_decisive"] == pytest.approx(0.8)
-    assert "bf16" in str(info.value) and "tolerance 0.125" in str(info.value)
+    assert "bf16" in str(info.value) and "= 0.125" in str(info.value)
     out, ref = _flipped(1, 1)  # a small batch: every sample must agree
     with pytest.raises(ParityError, match="argmax agreement 0.000 of 1"):
         _check(out, ref, "bf16", "bf16")
@@ -642,15 +644,17 @@ def test_tolerance_follows_the_precision_the_model_really_ran():
     out[:, 2] += 0.05  # a bf16-sized error: 0.05 x scale 1.0
     # asked for f32, but the device silently ran bf16: judged as bf16, and recorded as such
     rec = _check(out, ref, "f32", "bf16")
-    assert rec["precision"] == "bf16" and rec["precision_requested"] == "f32" and rec["atol"] == 0.125
+    assert rec["precision"] == "bf16" and rec["precision_requested"] == "f32"
+    assert rec["tolerance"] == pytest.approx(0.125 + EXPORT_ATOL)
     # asked for bf16, but it ran f32: the f32 tolerance applies
-    with pytest.raises(ParityError, match=r"at precision f32 \(compiled model; requested bf16\).*check_atol"):
+    with pytest.raises(ParityError, match=r"at precision f32 \(compiled model; requested bf16\).*> tolerance"):
         _check(out, ref, "bf16", "f32")
     # the device does not report its precision: the requested one is used, and so labelled
     rec = _check(out, ref, "bf16", None)
     assert rec["precision"] == "bf16" and rec["precision_source"].startswith("requested")
-    assert check_tolerance("f32", 1e-3, 100.0) == (1e-3, None)
-    assert check_tolerance("f16", 1e-3, 0.01) == (1e-3, 2.0**-6)  # never below check_atol
+    assert check_tolerance("f32", 1e-6, 1e-4, 100.0) == (pytest.approx(1e-6 + 1e-2), 1e-4)
+    assert check_tolerance("f16", 1e-6, 1e-4, 0.01) == (pytest.approx(1e-6 + 2.0**-6 * 0.01), 2.0**-6)
+    assert check_tolerance("bf16", 1e-6, 0.5, 1.0) == (pytest.approx(0.5 + 1e-6), 0.5)  # never below check_rtol
 
 
 @pytest.mark.slow
@@ -672,7 +676,8 @@ def test_trial_at_reduced_precision(spec_dict, precision):
         assert check["rtol"] == REDUCED_PRECISION_RTOL[precision]
         assert check["min_argmax_agreement"] == MIN_ARGMAX_AGREEMENT and check["argmax_agreement"] == 1.0
     if ran == "bf16":  # measured 0.0076 here (f16: 0.0016, too close to call on other CPUs)
-        assert check["max_abs_diff"] > spec.export.parity_atol  # the f32 tolerance would have failed it
+        f32_tolerance = spec.export.parity_atol + spec.export.parity_rtol * check["output_scale"]
+        assert check["max_abs_diff"] > f32_tolerance  # the f32 tolerance would have failed it
 
 
 # --------------------------------------------------------------------------- tables

@@ -292,7 +292,7 @@ def test_rerunning_benchmark_and_record_does_not_duplicate(dag, trial_run):
 
 
 def test_failing_stage_fails_the_run_and_records_the_reason(dag, trial_run):
-    dr = _test(dag, run_conf={**FAST, "trial_id": "parity-fail", "parity_atol": 1e-12})
+    dr = _test(dag, run_conf={**FAST, "trial_id": "parity-fail", "parity_atol": 1e-12, "parity_rtol": 1e-12})
     states = _states(dr)
     assert str(dr.state) in ("failed", "DagRunState.FAILED")
     assert states == _rapid_states(prune_to_export="failed", benchmark="upstream_failed", record="upstream_failed")

@@ -80,14 +80,15 @@ def test_chance_level_network_is_abandoned(spec_dict):
 
 
 def test_failing_stage_records_the_reason(spec_dict):
-    spec = parse_spec({**spec_dict, "trial_id": "fail", "export": {"parity_atol": 1e-12}})
+    spec = parse_spec({**spec_dict, "trial_id": "fail", "export": {"parity_atol": 1e-12, "parity_rtol": 1e-12}})
     with pytest.raises(TrialFailed) as exc:
         run_trial(spec)
     assert exc.value.stage == "export"
     row = ResultsStore(spec.db).get_trial("fail")
     assert row["status"] == "failed"
     assert row["reason"].startswith("export: export parity failed")
-    assert "export.parity_atol" in row["reason"]
+    assert "export.parity_atol" in row["reason"] and "export.parity_rtol" in row["reason"]
+    assert "> tolerance" in row["reason"]
     assert json.loads((spec.trial_dir() / "error.json").read_text())["stage"] == "export"
 
 
@@ -169,7 +170,8 @@ def test_thinned_model_that_differs_from_the_masked_one_fails_the_trial(spec_dic
     with pytest.raises(TrialFailed) as exc:
         run_trial(spec)
     assert exc.value.stage == "thinnify"
-    measured = re.search(r"thinned model differs from the masked model by (\S+) \(tolerance 0.0001\)", exc.value.reason)
+    measured = re.search(r"thinned model differs from the masked model: max abs diff (\S+) \(relative \S+\) > tolerance "
+                         r"1e-06 \+ 0.0001 x output scale", exc.value.reason)
     assert measured, exc.value.reason
     assert float(measured.group(1)) == pytest.approx(0.25, abs=1e-3)  # the injected difference, measured
     row = ResultsStore(spec.db).get_trial("mismatch")
@@ -179,7 +181,7 @@ def test_thinned_model_that_differs_from_the_masked_one_fails_the_trial(spec_dic
 
 
 def test_thinned_model_within_the_tolerance_passes(spec_dict, monkeypatch):
-    _thin_then_perturb(monkeypatch, 5e-5)  # below thinnify's tolerance of 1e-4
+    _thin_then_perturb(monkeypatch, 5e-5)  # below thinnify's tolerance, 1e-6 + 1e-4 x max |output| (about 5e-4 here)
     spec = parse_spec({**spec_dict, "trial_id": "within"})
     stages.prepare(spec)
     stages.prune(spec)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import LoadedModel, effective_property, load_model
+from .output_check import EXPORT_ATOL, EXPORT_RTOL, compare_outputs, describe, output_scale
 from .ov_api import runtime_version_if_loaded
 from .settings import BenchmarkOptions
 from .stats import paired_speedup, speedup, summarize
@@ -37,16 +38,17 @@ Progress = Callable[[str], None] | None
 _LATENCY_KEYS = ("median", "p90", "p99", "mean", "min", "max", "std")
 
 # ---------------------------------------------------------------- output check before any timing
-# At f32 the device must reproduce the reference (torch's logits) within ``check_atol``, the export
-# tolerance (the benchmark stage passes spec.export.parity_atol). Reduced precision cannot: bf16 keeps 8
-# significant bits (unit roundoff 2^-8), f16 keeps 11 (2^-11), and every layer's rounding adds up.
-# Measured with the CPU plugin (AMX-BF16, AVX512-FP16) on ResNet-20 / digits, 256 validation images
-# each, dense at 16x16 and 32x32 and four rapid pruned ones at 16x16: max |device - torch| up to 5.9% of
-# the sample's largest |logit| at bf16 (0.16 absolute) and 0.57% at f16 (0.017 absolute). So at reduced
-# precision the tolerance is relative to the scale of the outputs, REDUCED_PRECISION_RTOL[precision] *
-# max |reference output|: 32 unit roundoffs of the format (bf16 2^-3 = 12.5%, f16 2^-6 = 1.6%, about 2x
-# and 3x the worst case measured), never less than check_atol. The precision is the one the compiled
-# model reports it runs (INFERENCE_PRECISION_HINT read back), not the one requested.
+# The device must reproduce the reference (torch's logits) by the rule of pruneflow.bench.output_check:
+# max |device - torch| <= check_atol + rtol * max |reference output|, and the predicted classes agree.
+# At f32 rtol is ``check_rtol``, the export's (the benchmark stage passes spec.export.parity_atol and
+# parity_rtol). Reduced precision cannot meet it: bf16 keeps 8 significant bits (unit roundoff 2^-8), f16
+# keeps 11 (2^-11), and every layer's rounding adds up. Measured with the CPU plugin (AMX-BF16,
+# AVX512-FP16) on ResNet-20 / digits, 256 validation images each, dense at 16x16 and 32x32 and four rapid
+# pruned ones at 16x16: max |device - torch| up to 5.9% of the sample's largest |logit| at bf16 (0.16
+# absolute) and 0.57% at f16 (0.017 absolute). So at reduced precision rtol is REDUCED_PRECISION_RTOL:
+# 32 unit roundoffs of the format (bf16 2^-3 = 12.5%, f16 2^-6 = 1.6%, about 2x and 3x the worst case
+# measured). The precision is the one the compiled model reports it runs (INFERENCE_PRECISION_HINT read
+# back), not the one requested.
 REDUCED_PRECISION_RTOL: dict[str, float] = {"bf16": 2.0**-3, "f16": 2.0**-6}
 # A tolerance that loose could let through a model that no longer classifies like torch, so at reduced
 # precision the predicted class of each reference sample (argmax of its flattened output) must also be
@@ -79,16 +81,12 @@ class ParityError(RuntimeError):
         return (type(self), (str(self), self.max_abs_diff, self.details))
 
 
-def check_tolerance(precision: str, check_atol: float, output_scale: float) -> tuple[float, float | None]:
-    """(absolute tolerance, relative factor or None) of the output check at ``precision``.
-
-    f32: ``check_atol``. f16/bf16: ``max(check_atol, REDUCED_PRECISION_RTOL[precision] * output_scale)``,
-    output_scale being max |reference output|.
-    """
-    rtol = REDUCED_PRECISION_RTOL.get(precision)
-    if rtol is None:
-        return float(check_atol), None
-    return max(float(check_atol), rtol * float(output_scale)), rtol
+def check_tolerance(precision: str, check_atol: float, check_rtol: float, output_scale: float) -> tuple[float, float]:
+    """(tolerance, rtol) of the output check at ``precision``: ``check_atol + rtol * output_scale``, rtol being
+    ``check_rtol`` at f32 and REDUCED_PRECISION_RTOL[precision] (at least ``check_rtol``) at f16/bf16;
+    output_scale is max |reference output|."""
+    rtol = max(float(check_rtol), REDUCED_PRECISION_RTOL.get(precision, 0.0))
+    return float(check_atol) + rtol * float(output_scale), rtol
 
 
 def _inference_precision(loaded: LoadedModel) -> str | None:
@@ -176,37 +174,6 @@ def _as_expected(actual: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, 
     return a, e
 
 
-def _max_abs_diff(actual: np.ndarray, expected: np.ndarray) -> float:
-    a, e = _as_expected(actual, expected)
-    if a.size == 0:
-        return 0.0
-    diff = np.abs(a - e)
-    diff[np.isnan(a) & np.isnan(e)] = 0.0  # NaN in the same place on both sides is agreement
-    value = float(np.max(diff))
-    return value if np.isfinite(value) else float("inf")
-
-
-def _argmax_agreement(
-    actual: np.ndarray, expected: np.ndarray, samples: int, tie_margin: float
-) -> tuple[float, float, int]:
-    """Class agreement of the samples (rows along axis 0; class = argmax of the flattened output):
-    (over all samples, over the samples where torch's top-two margin exceeds ``tie_margin``, their count).
-    """
-    a, e = _as_expected(actual, expected)
-    if a.size == 0:
-        return 1.0, 1.0, 0
-    a = a.reshape(samples, -1)
-    e = e.reshape(samples, -1)
-    same = np.argmax(a, axis=1) == np.argmax(e, axis=1)
-    if e.shape[1] > 1:
-        top2 = np.sort(e, axis=1)[:, -2:]
-        decisive = (top2[:, 1] - top2[:, 0]) > tie_margin
-    else:
-        decisive = np.ones(samples, dtype=bool)
-    counted = int(decisive.sum())
-    return float(same.mean()), float(same[decisive].mean()) if counted else 1.0, counted
-
-
 def _run_check_input(loaded: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, int]:
     """Outputs for the check input: the model's own batch, or several such batches stacked on axis 0
     (e.g. 8 reference images through a batch-1 model), run one batch at a time."""
@@ -229,6 +196,7 @@ def _parity_check(
     options: BenchmarkOptions,
     check: tuple[np.ndarray, np.ndarray],
     atol: float,
+    rtol: float,
     progress: Progress,
 ) -> dict:
     """Check the device's output against the reference at the precision the model really runs.
@@ -237,58 +205,26 @@ def _parity_check(
     """
     x, expected = check
     out, samples = _run_check_input(loaded, x)
-    diff = _max_abs_diff(out, expected)
+    out, expected = _as_expected(out, expected)
     reported = _inference_precision(loaded)
     if reported in _KNOWN_PRECISIONS:
         precision, source = reported, "compiled model"
     else:  # the device does not say: trust the request
         precision, source = options.precision, "requested (not reported by the compiled model)"
-    ref = np.asarray(expected, dtype=np.float64)
-    finite = ref[np.isfinite(ref)]
-    scale = float(np.max(np.abs(finite))) if finite.size else 0.0
-    tol, rtol = check_tolerance(precision, atol, scale)
-    min_agreement = MIN_ARGMAX_AGREEMENT if rtol is not None else None
-    tie_margin = ARGMAX_TIE_RTOL.get(precision, 0.0) * scale
-    agreement_all, agreement, counted = _argmax_agreement(out, expected, samples, tie_margin)
-    record = {
-        "precision": precision,
-        "precision_source": source,
-        "precision_requested": options.precision,
-        "atol": tol,
-        "check_atol": float(atol),
-        "rtol": rtol,
-        "output_scale": scale,
-        "max_abs_diff": diff,
-        "argmax_agreement": agreement_all,
-        "argmax_tie_margin": tie_margin,
-        "argmax_decisive_samples": counted,
-        "argmax_agreement_decisive": agreement,
-        "min_argmax_agreement": min_agreement,
-        "samples": int(samples),
-    }
-    if rtol is None:
-        how = f"check_atol {atol:g}"
-    else:
-        how = f"{rtol:g} x output scale {scale:.4g}, at least check_atol {atol:g}"
-    agree_text = f"argmax agreement {agreement_all:.3f} of {samples} sample(s)"
-    if min_agreement is not None:
-        agree_text += (
-            f", {agreement:.3f} of the {counted} not within a near-tie margin {tie_margin:.3g} "
-            f"(needs >= {min_agreement:g})"
-        )
+    scale = output_scale(expected)
+    _, used_rtol = check_tolerance(precision, atol, rtol, scale)
+    reduced = precision in ARGMAX_TIE_RTOL
+    record = compare_outputs(
+        out, expected, atol=atol, rtol=used_rtol, samples=samples,
+        tie_margin=ARGMAX_TIE_RTOL[precision] * scale if reduced else None,
+        min_agreement=MIN_ARGMAX_AGREEMENT if reduced else 1.0,
+    )
+    record.update({"precision": precision, "precision_source": source, "precision_requested": options.precision,
+                   "check_atol": float(atol), "check_rtol": float(rtol)})
     where = f"for {str(loaded.path)!r} at precision {precision} ({source}; requested {options.precision})"
-    if not diff <= tol:
-        raise ParityError(
-            f"parity check failed {where}: max abs diff {diff:.6g} > tolerance {tol:.6g} ({how}); {agree_text}",
-            diff, {**record, "passed": False},
-        )
-    if min_agreement is not None and not agreement >= min_agreement:
-        raise ParityError(
-            f"parity check failed {where}: {agree_text}; max abs diff {diff:.6g} <= tolerance {tol:.6g} ({how})",
-            diff, {**record, "passed": False},
-        )
-    record["passed"] = True
-    _emit(progress, f"parity check at {precision}: max abs diff {diff:.3g} <= {tol:.3g}, {agree_text}")
+    if not record["passed"]:
+        raise ParityError(f"parity check failed {where}: {describe(record)}", record["max_abs_diff"], record)
+    _emit(progress, f"parity check at {precision}: {describe(record)}")
     return record
 
 
@@ -406,7 +342,8 @@ def measure(
     model_path: str | Path,
     options: BenchmarkOptions,
     check: tuple[np.ndarray, np.ndarray] | None = None,
-    check_atol: float = 1e-3,
+    check_atol: float = EXPORT_ATOL,
+    check_rtol: float = EXPORT_RTOL,
     progress: Callable[[str], None] | None = None,
     isolation: Callable[[], AbstractContextManager[list[int]]] | None = None,
 ) -> dict:
@@ -417,14 +354,14 @@ def measure(
     record's ``paused_cpu_tasks``.
 
     ``check`` = (input, expected output): checked before any timing, at the precision the compiled
-    model reports it runs: within ``check_atol`` at f32; at f16/bf16 within
-    ``max(check_atol, REDUCED_PRECISION_RTOL[p] * max|expected|)`` and with at least
-    MIN_ARGMAX_AGREEMENT of the predicted classes equal to the reference's, over the samples that are
-    no near-tie in the reference (see ARGMAX_TIE_RTOL). The input may stack several of the model's
-    batches on axis 0. The record of the check is ``result["check"]``: precision (as run),
-    precision_source, precision_requested, atol (the tolerance used), check_atol, rtol, output_scale,
-    max_abs_diff, argmax_agreement (all samples), argmax_tie_margin, argmax_decisive_samples,
-    argmax_agreement_decisive (what the threshold applies to), min_argmax_agreement, samples, passed.
+    model reports it runs, by the rule of :mod:`pruneflow.bench.output_check`: max |out - expected| <=
+    ``check_atol + rtol * max|expected|`` with rtol ``check_rtol`` at f32 and REDUCED_PRECISION_RTOL[p]
+    at f16/bf16, and the predicted classes equal to the reference's on the samples that are no near-tie
+    (all of them at f32; at least MIN_ARGMAX_AGREEMENT at f16/bf16, see ARGMAX_TIE_RTOL). The input may
+    stack several of the model's batches on axis 0. The record of the check is ``result["check"]``:
+    compare_outputs' record (max_abs_diff, output_scale, relative_diff, atol, rtol, tolerance, decided_by,
+    diff_over_tolerance, argmax_agreement and the rest, passed) with precision (as run), precision_source,
+    precision_requested, check_atol and check_rtol.
 
     With ``hint="latency"`` every call runs alone and ``latency_ms`` is its latency; ``throughput_fps``
     is then only batch * 1000 / mean latency. With ``hint="throughput"`` (OpenVINO) each round completes
@@ -440,7 +377,8 @@ def measure(
     loaded = load_model(model_path, options)
     _emit(progress, f"compiled {Path(model_path).name} on {options.backend}/{options.device} "
           f"in {loaded.compile_s:.2f} s")
-    check_record = _parity_check(loaded, options, check, check_atol, progress) if check is not None else None
+    check_record = (_parity_check(loaded, options, check, check_atol, check_rtol, progress)
+                    if check is not None else None)
 
     x = loaded.make_input(options.seed)
     rounds = _Rounds()
