@@ -47,7 +47,7 @@ HOTSPOTS = [
     ("prune.masked_copy", "pruneflow.prune", "masked_copy"),
     ("prune.thin", "pruneflow.prune", "thin"),
     ("prune.count_params_and_macs", "pruneflow.prune", "count_params_and_macs"),
-    ("prune.max_output_difference (64 imgs)", "pruneflow.prune", "max_output_difference"),
+    ("thin check: output_check.compare_outputs", "pruneflow.bench.output_check", "compare_outputs"),
     ("export.export_onnx (torch.onnx)", "pruneflow.export", "export_onnx"),
     ("export.export_openvino (convert+save)", "pruneflow.export", "export_openvino"),
     ("export.check_parity (8 imgs, batch 1)", "pruneflow.export", "check_parity"),
