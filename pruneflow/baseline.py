@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pruneflow.checkpoint import model_ref, save_checkpoint
-from pruneflow.data import DatasetSpec, load_dataset
+from pruneflow.data import DatasetSpec, load_dataset_cached
 from pruneflow.models import build_model
 from pruneflow.prune import count_params_and_macs
 from pruneflow.train import Progress, TrainOptions, evaluate, train
@@ -31,12 +31,13 @@ def train_baseline(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    data = load_dataset(dataset)
+    data = load_dataset_cached(dataset)
     ref = model_ref(model, data.in_channels, data.num_classes, model_kwargs)
     net = build_model(model, data.in_channels, data.num_classes, **(model_kwargs or {}))
     t0 = time.perf_counter()
     history, _ = train(net, data.train, data.val,
-                       TrainOptions(epochs=epochs, optimizer=optimizer, lr=lr, batch_size=batch_size, seed=seed),
+                       TrainOptions(epochs=epochs, optimizer=optimizer, lr=lr, batch_size=batch_size, seed=seed,
+                                    **dataset.train_options()),
                        progress=progress)
     val_top1, val_loss = evaluate(net, *data.val)
     test_top1, test_loss = evaluate(net, *data.test)

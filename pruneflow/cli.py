@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from pruneflow.constants import DATASETS
+
 DEFAULT_DB = "sqlite:///out/pruneflow.db"
 
 
@@ -44,7 +46,8 @@ def cmd_baseline(args) -> int:
     from pruneflow.baseline import train_baseline
     from pruneflow.data import DatasetSpec
 
-    ds = {"name": args.dataset, "image_size": args.image_size}
+    ds = {"name": args.dataset, "image_size": args.image_size, "images_per_epoch": args.images_per_epoch,
+          "augment": {"crop_padding": args.crop_padding, "hflip": args.hflip}}
     if args.data_path:
         ds["path"] = args.data_path
     metrics = train_baseline(args.model, DatasetSpec(**ds), args.epochs, args.out, model_kwargs=_kv(args.model_kwarg),
@@ -283,9 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("baseline", help="train and save a baseline model")
     b.add_argument("--model", default="resnet20")
-    b.add_argument("--dataset", default="digits", help="digits | cifar10 | imagefolder")
-    b.add_argument("--data-path", help="folder of cifar10 / imagefolder data")
+    b.add_argument("--dataset", default="digits", choices=DATASETS)
+    b.add_argument("--data-path", help="folder of the data: cifar10 / imagefolder (required), fashion-mnist "
+                   "(default: where Debian's dataset-fashion-mnist puts it)")
     b.add_argument("--image-size", type=int, default=32)
+    b.add_argument("--images-per-epoch", type=int, help="a fresh sample of this many training images an epoch")
+    b.add_argument("--crop-padding", type=int, default=0, help="augment: random crop after padding this many pixels")
+    b.add_argument("--hflip", action="store_true", help="augment: random left-right flips")
     b.add_argument("--epochs", type=int, default=15)
     b.add_argument("--lr", type=float, default=0.05)
     b.add_argument("--batch-size", type=int, default=64)
@@ -306,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show what a pruning plan does to a model, layer by layer")
     i.add_argument("--model")
     i.add_argument("--model-kwarg", action="append", metavar="KEY=VALUE")
-    i.add_argument("--dataset", default="digits")
+    i.add_argument("--dataset", default="digits", choices=DATASETS)
     i.add_argument("--data-path")
     i.add_argument("--image-size", type=int, default=32)
     i.add_argument("--spec", help="trial spec YAML whose pruning groups to apply")

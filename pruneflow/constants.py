@@ -26,7 +26,7 @@ MODEL_NAMES = (
 )
 
 #: Data sets ``pruneflow.data`` can load.
-DATASETS = ("digits", "cifar10", "imagefolder")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "imagefolder")
 
 
 def is_id(value: object) -> bool:

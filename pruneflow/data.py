@@ -1,9 +1,13 @@
 """Data sets for pruneflow: load, split, resize and normalise image classification data.
 
-Three data sets are built in (see :func:`list_datasets`):
+Four data sets are built in (see :func:`list_datasets`):
 
 ``digits``
     scikit-learn's bundled 8x8 hand-written digits (1797 images, 10 classes, no download).
+``fashion-mnist``
+    Zalando's Fashion-MNIST (60,000 training and 10,000 test images, 28x28 grayscale, 10 classes) from
+    the four original IDX files, by default where Debian's ``dataset-fashion-mnist`` package puts them
+    (:data:`FASHION_MNIST_DIR`). Validation is carved from the training images; test is the test set.
 ``cifar10``
     the "CIFAR-10 python version" folder (``data_batch_1`` .. ``data_batch_5``, ``test_batch``,
     ``batches.meta``) read from local disk with a restricted unpickler.
@@ -27,10 +31,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pruneflow.constants import DATASETS
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the spec (and the benchmark worker) needs none
     import torch
@@ -38,7 +44,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: the spec (and the
 __all__ = [
     "DataSplits",
     "DatasetError",
+    "Augment",
     "DatasetSpec",
+    "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
     "dataset_cache",
     "list_datasets",
@@ -48,6 +56,12 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+#: Where Debian's dataset-fashion-mnist package installs the four IDX files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_FILES = (*_CIFAR_TRAIN_FILES, "test_batch", "batches.meta")
@@ -61,24 +75,46 @@ class DatasetError(ValueError):
     """A data set cannot be loaded: missing files, malformed content, bad layout."""
 
 
-class DatasetSpec(BaseModel):
-    """Which data set to load and how to split / resize it."""
+class Augment(BaseModel):
+    """Random augmentation of training batches (never of evaluation, recalibration or the parity images)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["digits", "cifar10", "imagefolder"] = Field(
-        "digits", description="the data set: digits is built in; cifar10 and imagefolder read the folder given as path")
+    crop_padding: int = Field(0, ge=0, le=16, description="random crop: pad each training image by this many "
+                              "pixels (of the normalised mean) and crop it back at a random offset; 0 = off")
+    hflip: bool = Field(False, description="flip each training image left-right with probability 0.5")
+
+
+class DatasetSpec(BaseModel):
+    """Which data set to load, how to split / resize it, and how its training batches are drawn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal[DATASETS] = Field(  # type: ignore[valid-type]
+        "digits", description="the data set: digits is built in; fashion-mnist reads Debian's dataset-fashion-mnist "
+        "folder (or path); cifar10 and imagefolder read the folder given as path")
     path: str | None = Field(None, description="folder to read from; required for cifar10 and imagefolder, "
-                             "ignored for digits")
+                             f"optional for fashion-mnist (default {FASHION_MNIST_DIR}), ignored for digits")
     image_size: int | None = Field(32, ge=8, le=512, description="images are resized to this many pixels square; "
                                    "empty keeps the native size")
     val_fraction: float = Field(0.2, gt=0, lt=0.5, description="fraction of the training data held out for "
                                 "validation")
     test_fraction: float = Field(0.2, ge=0, lt=0.5, description="fraction held out for the test split (ignored by "
-                                 "cifar10, which has its own test batch)")
+                                 "cifar10 and fashion-mnist, which have their own test set)")
     split_seed: int = Field(0, ge=0, description="seed of the train/val/test split")
     max_train_samples: int | None = Field(None, ge=1, description="keep only the first k samples of a "
                                           "deterministic stratified permutation of the train split")
+    images_per_epoch: int | None = Field(None, ge=1, description="train on this many images an epoch, a fresh "
+                                         "seeded sample of the train split each epoch; empty: all of it")
+    augment: Augment = Field(default_factory=Augment, description="augmentation of training batches")
+
+    #: fields that change how training draws batches, not the tensors: left out of the disk cache's key
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = ("images_per_epoch", "augment")
+
+    def train_options(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`pruneflow.train.TrainOptions` this spec sets."""
+        return {"images_per_epoch": self.images_per_epoch, "crop_padding": self.augment.crop_padding,
+                "hflip": self.augment.hflip}
 
     @model_validator(mode="after")
     def _check_path(self) -> DatasetSpec:
@@ -462,6 +498,82 @@ def _load_cifar10(spec: DatasetSpec) -> DataSplits:
 
 
 # --------------------------------------------------------------------------------------------------
+# Fashion-MNIST: the four original IDX files (gzip-compressed or not)
+
+_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC = 2051, 2049  # 0x00000803 (ubyte, 3 dims), 0x00000801 (ubyte, 1 dim)
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _idx_path(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise DatasetError(f"fashion-mnist: {root} has no {stem}.gz (nor {stem}); expected the four IDX files "
+                       + ", ".join(f"{f}.gz" for pair in _FASHION_FILES.values() for f in pair)
+                       + f" (apt-get install {FASHION_MNIST_PACKAGE} puts them in {FASHION_MNIST_DIR})")
+
+
+def read_idx(path: str | Path, magic: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (``magic`` 2051: images [N, rows, cols]; 2049: labels [N]), checked:
+    its magic number, and a body exactly as long as its header says. DatasetError names the file."""
+    import gzip
+
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DatasetError(f"{path}: cannot read it as {'gzip' if path.suffix == '.gz' else 'IDX'} ({exc})") from None
+    ndim = 3 if magic == _IDX_IMAGES_MAGIC else 1
+    header = 4 * (1 + ndim)
+    if len(raw) < header:
+        raise DatasetError(f"{path}: {len(raw)} bytes, shorter than an IDX header ({header} bytes)")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        kind = "images" if magic == _IDX_IMAGES_MAGIC else "labels"
+        raise DatasetError(f"{path}: magic number {found:#010x}, expected {magic:#010x} (IDX {kind} of unsigned bytes)")
+    dims = [int.from_bytes(raw[4 * (1 + i):4 * (2 + i)], "big") for i in range(ndim)]
+    expected = int(np.prod(dims))
+    body = len(raw) - header
+    if body != expected:
+        raise DatasetError(f"{path}: header says {' x '.join(map(str, dims))} = {expected} bytes of data, the file has "
+                           f"{body} ({'truncated' if body < expected else 'trailing bytes'})")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()  # writable, for torch
+
+
+def _fashion_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images_file, labels_file = (_idx_path(root, f) for f in _FASHION_FILES[split])
+    x = read_idx(images_file, _IDX_IMAGES_MAGIC)
+    y = read_idx(labels_file, _IDX_LABELS_MAGIC)
+    if x.shape[1:] != (28, 28):
+        raise DatasetError(f"{images_file}: images of {x.shape[1]}x{x.shape[2]} pixels, expected 28x28")
+    if len(x) != len(y):
+        raise DatasetError(f"{images_file} holds {len(x)} images but {labels_file} {len(y)} labels")
+    bad = np.flatnonzero(y >= len(FASHION_MNIST_CLASSES))
+    if bad.size:
+        raise DatasetError(f"{labels_file}: label {int(y[bad[0]])} at index {int(bad[0])} ({bad.size} in all); "
+                           f"labels must be 0-{len(FASHION_MNIST_CLASSES) - 1}")
+    return x[:, None, :, :], y.astype(np.int64)
+
+
+@register_dataset("fashion-mnist")
+def _load_fashion_mnist(spec: DatasetSpec) -> DataSplits:
+    root = Path(spec.path or FASHION_MNIST_DIR).expanduser()
+    if not root.is_dir():
+        hint = (f"install Debian's {FASHION_MNIST_PACKAGE} package (apt-get install {FASHION_MNIST_PACKAGE}), "
+                "or give dataset.path" if spec.path is None else "expected the folder of the four IDX files")
+        raise DatasetError(f"fashion-mnist: folder {root} does not exist; {hint}")
+    x_all, y_all = _fashion_split(root, "train")
+    x_test, y_test = _fashion_split(root, "test")
+    class_names = list(FASHION_MNIST_CLASSES)
+    train, val, _ = _stratified_split(y_all, spec.val_fraction, 0.0, spec.split_seed, class_names,
+                                      f"fashion-mnist ({root})")
+    train = _limit_train(train, spec)
+    parts = {"train": (x_all[train], y_all[train]), "val": (x_all[val], y_all[val]), "test": (x_test, y_test)}
+    return _assemble("fashion-mnist", parts, class_names, 1.0 / 255.0, spec.image_size or 28)
+
+
+# --------------------------------------------------------------------------------------------------
 # image folder
 
 
@@ -567,7 +679,12 @@ def _load_imagefolder(spec: DatasetSpec) -> DataSplits:
 _CACHE_DIR: Path | None = None
 #: Data sets whose content follows from their spec and the installed packages alone (no user folder that
 #: could change under the cache): only these are cached on disk.
-_DISK_CACHEABLE = ("digits",)
+_DISK_CACHEABLE = ("digits", "fashion-mnist")
+
+
+def _tensor_key(spec: DatasetSpec) -> str:
+    """The spec as far as it decides the tensors (how training draws batches does not)."""
+    return spec.model_dump_json(exclude=set(DatasetSpec.TRAINING_FIELDS))
 
 
 @contextlib.contextmanager
@@ -587,7 +704,7 @@ def dataset_cache(folder: str | Path | None):
 def _cache_file(spec: DatasetSpec, folder: Path | None) -> Path | None:
     if folder is None or spec.name not in _DISK_CACHEABLE:
         return None
-    h = hashlib.sha256(spec.model_dump_json().encode())
+    h = hashlib.sha256(_tensor_key(spec).encode())
     h.update(Path(__file__).read_bytes())
     for pkg in ("torch", "numpy", "scikit-learn"):
         try:
@@ -644,4 +761,4 @@ def _load_memory_cached(spec_json: str, folder: Path | None) -> DataSplits:
 def load_dataset_cached(spec: DatasetSpec) -> DataSplits:
     """:func:`load_dataset`, loaded once per process (the stages of an in-process trial share it), and once
     per machine for the built-in data sets within :func:`dataset_cache`. Callers must not modify the tensors."""
-    return _load_memory_cached(spec.model_dump_json(), _CACHE_DIR)
+    return _load_memory_cached(_tensor_key(spec), _CACHE_DIR)

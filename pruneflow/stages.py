@@ -363,7 +363,8 @@ def retrain(spec: TrialSpec, progress: Progress = _quiet, extra_rule: Callable[[
         history, reason = train(
             model, data.train, data.val,
             TrainOptions(epochs=ft.epochs, optimizer=ft.optimizer, lr=ft.lr, batch_size=ft.batch_size,
-                         momentum=ft.momentum, weight_decay=ft.weight_decay, seed=spec.seed),
+                         momentum=ft.momentum, weight_decay=ft.weight_decay, seed=spec.seed,
+                         **spec.dataset.train_options()),
             on_epoch=on_epoch, progress=lambda s: progress(f"retrain: {s}"),
         )
         ckpt = save_checkpoint(trial_dir / "finetuned.pt", model, payload["model"], payload["input_shape"],

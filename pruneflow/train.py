@@ -23,6 +23,28 @@ class TrainOptions:
     weight_decay: float = 5e-4
     seed: int = 0
     cosine: bool = True
+    #: a fresh seeded sample of this many training images each epoch (None: all of them)
+    images_per_epoch: int | None = None
+    #: augmentation of training batches (pruneflow.data.Augment): random crop after padding, left-right flip
+    crop_padding: int = 0
+    hflip: bool = False
+
+
+def augment_batch(x: torch.Tensor, crop_padding: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+    """A randomly cropped (after zero padding, i.e. padding with the normalised mean) and flipped copy."""
+    if crop_padding:
+        p = crop_padding
+        n, _, h, w = x.shape
+        padded = nn.functional.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+        x = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    if hflip:
+        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
 
 
 @torch.no_grad()
@@ -64,7 +86,8 @@ def train(
     else:
         optim = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay, nesterov=opts.momentum > 0)
     x, y = train_xy
-    steps_per_epoch = max(1, math.ceil(len(x) / opts.batch_size))
+    per_epoch = min(len(x), opts.images_per_epoch or len(x))
+    steps_per_epoch = max(1, math.ceil(per_epoch / opts.batch_size))
     total = steps_per_epoch * max(1, opts.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)) if opts.cosine else 1.0
@@ -73,12 +96,14 @@ def train(
     for epoch in range(1, opts.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        perm = torch.randperm(len(x), generator=gen)
+        perm = torch.randperm(len(x), generator=gen)[:per_epoch]
         seen = correct = 0
         loss_sum = 0.0
-        for i in range(0, len(x), opts.batch_size):
+        for i in range(0, per_epoch, opts.batch_size):
             idx = perm[i:i + opts.batch_size]
             xb, yb = x[idx], y[idx]
+            if opts.crop_padding or opts.hflip:
+                xb = augment_batch(xb, opts.crop_padding, opts.hflip, gen)
             out = model(xb)
             loss = nn.functional.cross_entropy(out, yb)
             optim.zero_grad(set_to_none=True)
@@ -93,6 +118,7 @@ def train(
             "epoch": epoch,
             "train_loss": loss_sum / seen,
             "train_top1": 100.0 * correct / seen,
+            "images": seen,
             "val_loss": val_loss,
             "val_top1": val_top1,
             "lr": optim.param_groups[0]["lr"],

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages the test suite starts for real on loopback: a PostgreSQL server (results DB on
+# System packages the test suite uses for real: Fashion-MNIST (Debian's dataset-fashion-mnist, the data set
+# that makes pruning cost accuracy), and on loopback a PostgreSQL server (results DB on
 # PostgreSQL, and the Celery deployment's databases), a Redis server (its broker) and a headless Chromium (the Airflow UI browser test, driven by Playwright through
 # executable_path; Playwright's own browser download is never used). Installs only what is missing,
 # and only as root (apt-get); otherwise says what to install.
@@ -13,6 +14,9 @@ if ! [ -x /usr/bin/redis-server ] && ! command -v redis-server >/dev/null 2>&1; 
 fi
 if ! [ -x /usr/bin/chromium ] && ! command -v chromium >/dev/null 2>&1; then
   missing+=(chromium)
+fi
+if ! [ -d /usr/share/datasets/fashion-mnist ]; then
+  missing+=(dataset-fashion-mnist)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then

@@ -315,6 +315,21 @@ def test_abandoned_trial_skips_export_and_benchmark_and_is_recorded(dag, trial_r
     assert row["latency_median_ms"] is None and _store().benchmarks("gave-up") == []
 
 
+def test_fashion_mnist_trial_on_a_subset_through_prune_trial(dag, trial_run):
+    """The form's data set keys: Fashion-MNIST from Debian's folder, a subset, augmentation on."""
+    conf = {**FAST, "trial_id": "fm-dag", "dataset": "fashion-mnist", "dataset_max_train_samples": 400,
+            "dataset_val_fraction": 0.02, "baseline_epochs": 1, "images_per_epoch": 300,
+            "augment_crop_padding": 2, "augment_hflip": True}
+    dr = _test(dag, run_conf=conf)
+    assert str(dr.state) in ("success", "DagRunState.SUCCESS"), _states(dr)
+    row = _store().get_trial("fm-dag")
+    assert row["status"] == "succeeded" and row["latency_median_ms"] > 0
+    ds = row["spec_json"]["dataset"]
+    assert (ds["name"], ds["images_per_epoch"], ds["augment"]) == ("fashion-mnist", 300, {"crop_padding": 2, "hflip": True})
+    baseline = json.loads((Path(os.environ["PRUNEFLOW_BASELINES"]) / "resnet20-fashion-mnist-16" / "baseline.json").read_text())
+    assert [h["images"] for h in baseline["history"]] == [300]  # images per epoch reached the baseline's training
+
+
 def test_several_benchmark_targets_branch_to_the_trials_own(dag, trial_run, monkeypatch):
     """[pruneflow] devices names two targets: one benchmark task per target on its queue and pool, behind
     route_benchmark, which follows the trial's benchmark.target; a target or a device the deployment has

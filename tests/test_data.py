@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from pruneflow.constants import DATASETS
 from pruneflow.data import (
     DatasetError,
     DatasetSpec,
@@ -130,7 +131,7 @@ def test_spec_unknown_name_lists_allowed() -> None:
         DatasetSpec(name="mnist")
     msg = str(e.value)
     assert "name" in msg
-    for allowed in ("digits", "cifar10", "imagefolder"):
+    for allowed in ("digits", "fashion-mnist", "cifar10", "imagefolder"):
         assert allowed in msg
 
 
@@ -144,7 +145,7 @@ def test_spec_forbids_extra_and_checks_fractions() -> None:
 
 
 def test_registry() -> None:
-    assert list_datasets() == ["cifar10", "digits", "imagefolder"]
+    assert list_datasets() == ["cifar10", "digits", "fashion-mnist", "imagefolder"] == sorted(DATASETS)
 
     @register_dataset("dummy-test")
     def _dummy(spec: DatasetSpec) -> DataSplits:  # pragma: no cover - never loaded

@@ -52,7 +52,7 @@ BAD = [
     ("benchmark.warmup", -1, "benchmark.warmup", "greater than or equal to 0"),
     ("benchmark.hint", "fast", "benchmark.hint", "'latency' or 'throughput'"),
     ("benchmark.device", "cpu!!", "benchmark.device", "device"),
-    ("dataset.name", "mnist", "dataset.name", "'digits', 'cifar10' or 'imagefolder'"),
+    ("dataset.name", "mnist", "dataset.name", "'digits', 'fashion-mnist', 'cifar10' or 'imagefolder'"),
     ("dataset.image_size", 4, "dataset.image_size", "greater than or equal to 8"),
     ("model.input_shape", [3, 32, 32], "model.input_shape", "[1, C, H, W]"),
     ("seed", -1, "seed", "greater than or equal to 0"),
