@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import LoadedModel, effective_property, load_model
-from .output_check import EXPORT_ATOL, EXPORT_RTOL, compare_outputs, describe, output_scale
+from .output_check import EXPORT_ATOL, EXPORT_RTOL, as_expected, compare_outputs, describe, output_scale
 from .ov_api import runtime_version_if_loaded
 from .settings import BenchmarkOptions
 from .stats import paired_speedup, speedup, summarize
@@ -161,17 +161,10 @@ def _emit(progress: Progress, message: str) -> None:
 
 
 def _as_expected(actual: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    if a.shape != e.shape:
-        if a.size == e.size and a.squeeze().shape == e.squeeze().shape:
-            a = a.reshape(e.shape)
-        else:
-            raise ParityError(
-                f"parity check failed: output shape {list(a.shape)} != expected shape {list(e.shape)}",
-                float("inf"),
-            )
-    return a, e
+    try:
+        return as_expected(actual, expected)
+    except ValueError as exc:
+        raise ParityError(f"parity check failed: {exc}", float("inf")) from None
 
 
 def _run_check_input(loaded: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, int]:
