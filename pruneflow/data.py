@@ -706,6 +706,12 @@ def _cache_file(spec: DatasetSpec, folder: Path | None) -> Path | None:
         return None
     h = hashlib.sha256(_tensor_key(spec).encode())
     h.update(Path(__file__).read_bytes())
+    if spec.name == "fashion-mnist":  # files on disk: replaced files must not be served from a stale cache
+        root = Path(spec.path or FASHION_MNIST_DIR).expanduser()
+        for stem in (f for pair in _FASHION_FILES.values() for f in pair):
+            with contextlib.suppress(DatasetError, OSError):
+                st = _idx_path(root, stem).stat()
+                h.update(f"{stem}:{st.st_size}:{st.st_mtime_ns}".encode())
     for pkg in ("torch", "numpy", "scikit-learn"):
         try:
             h.update(f"{pkg}={metadata.version(pkg)}".encode())

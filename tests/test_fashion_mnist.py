@@ -180,3 +180,18 @@ def test_rapid_trial_on_a_subset_through_the_cli(tmp_path):
     assert [h["images"] for h in baseline["history"]] == [600, 600]  # the subset, every epoch
     thin = json.loads((tmp_path / "trials" / "fm-cli" / "thin.json").read_text())
     assert thin["params_after"] < thin["params_before"]
+
+
+def test_disk_cache_is_keyed_by_the_files_and_not_by_training_options(tmp_path):
+    import os
+
+    folder = _write_set(tmp_path / "f")
+    cache = tmp_path / "cache"
+    first = data_module._load_disk_cached(_spec(folder), cache)
+    data_module._load_disk_cached(_spec(folder, images_per_epoch=50, augment={"hflip": True}), cache)
+    assert len(list(cache.glob("fashion-mnist-*.pt"))) == 1  # how batches are drawn does not change the tensors
+    _write_set(folder, n_test=30)  # the files replaced: a new key, never the stale tensors
+    for f in folder.iterdir():
+        os.utime(f, ns=(1, 1))
+    again = data_module._load_disk_cached(_spec(folder), cache)
+    assert len(first.test[1]) == 50 and len(again.test[1]) == 30
