@@ -156,3 +156,11 @@ def test_prediction_quality_of_a_promoted_sweep(tmp_path):
     screened = [r for r in rows if r["stage"] == 0 and not r["dense"]]
     assert q["compute"] == {"screened": len(screened), "promoted": 5, "epochs_spent": 15,
                             "epochs_to_fine_tune_all": 3 * len(screened), "share": 15 / (3 * len(screened))}
+    # 5 pairs: the report (which the plugin serves) keeps the figure out of the reader's way
+    from pruneflow import report
+
+    report.write_report(f"sqlite:///{tmp_path / 'r.db'}", "pq", tmp_path / "report")
+    section = (tmp_path / "report" / "report.html").read_text().split("Screen against fine-tuning", 1)[1]
+    section = section.split("<h2>", 1)[0]
+    assert section.count("n = 5: too few pairs for a rank correlation") == 2  # recalibrated and pruned
+    assert "Spearman" not in section and "Kendall" not in section
