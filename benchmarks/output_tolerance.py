@@ -66,24 +66,11 @@ def _ov_precisions() -> list[str]:
     return [p for p, cap in (("bf16", "BF16"), ("f16", "FP16")) if cap in caps]
 
 
-def _openvino(xml: Path, xs, precision: str):
-    import numpy as np
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": precision})
-    req = compiled.create_infer_request()
-    outs = []
-    for x in xs:
-        req.infer({0: x[None]})
-        outs.append(np.array(req.get_output_tensor(0).data, copy=True))
-    return np.concatenate(outs)
-
-
 def measure_model(name: str, scale: float, samples: int, precisions: list[str]) -> dict:
     import torch
 
     from pruneflow.bench.output_check import max_abs_diff, output_scale
-    from pruneflow.export import _run_onnxruntime, export_onnx, export_openvino
+    from pruneflow.export import _run_onnxruntime, _run_openvino, export_onnx, export_openvino
     from pruneflow.prune import GroupRequest, make_plan, masked_copy, thin
 
     model, shape = _prepared(name, scale)
@@ -103,7 +90,7 @@ def measure_model(name: str, scale: float, samples: int, precisions: list[str]) 
         xml = export_openvino(onnx, Path(tmp) / "m.xml", shape)
         row["onnxruntime"] = max_abs_diff(_run_onnxruntime(onnx, xs), ref)
         for p in ["f32", *precisions]:
-            row[f"openvino {p}"] = max_abs_diff(_openvino(xml, xs, p), ref)
+            row[f"openvino {p}"] = max_abs_diff(_run_openvino(xml, xs, p), ref)
     row["ref_scale"] = output_scale(ref)
     return row
 

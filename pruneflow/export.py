@@ -60,12 +60,12 @@ def _run_onnxruntime(onnx_path: Path, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[None]})[0] for x in inputs])
 
 
-def _run_openvino(xml_path: Path, inputs: np.ndarray) -> np.ndarray:
+def _run_openvino(xml_path: Path, inputs: np.ndarray, precision: str = "f32") -> np.ndarray:
     import openvino as ov
 
     core = ov.Core()
     # f32 explicitly: CPUs with AMX/AVX512-BF16 would otherwise run bf16 and fail parity for the wrong reason
-    compiled = core.compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core.compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": precision})
     request = compiled.create_infer_request()
     outs = []
     for x in inputs:
