@@ -1,12 +1,14 @@
 """The output checks judged at the scale of the outputs: thinned against masked, exported against torch.
 
 A model with logits in the thousands that thins and exports correctly passes; the same model with a
-perturbed weight in its exported graph, or exported to take its input in the wrong layout, fails, and so
-does a thinning with two kept filters swapped; a model with tiny logits and a wrong export fails too.
+perturbed weight in its exported graph, exported to take its input in the wrong layout or with a layer
+dropped, fails, and so does a thinning with two kept filters swapped; a model with tiny logits and a
+wrong export fails too.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -108,7 +110,7 @@ class _TransposedInput(torch.nn.Module):
 
 
 @pytest.mark.parametrize("scale", [1e4, 1e-3])
-@pytest.mark.parametrize("fault", ["weight", "layout"])
+@pytest.mark.parametrize("fault", ["weight", "layout", "dropped"])
 def test_a_wrong_export_fails_at_any_output_scale(tmp_path, scaled_baselines, monkeypatch, scale, fault):
     from pruneflow import export as export_module
 
@@ -117,6 +119,10 @@ def test_a_wrong_export_fails_at_any_output_scale(tmp_path, scaled_baselines, mo
     def wrong_export(model, shape, path, *args, **kwargs):
         if fault == "layout":
             return real(_TransposedInput(model), shape, path, *args, **kwargs)
+        if fault == "dropped":  # the second BatchNorm left out of the exported graph
+            dropped = copy.deepcopy(model)
+            dropped.bn2 = torch.nn.Identity()
+            return real(dropped, shape, path, *args, **kwargs)
         out = real(model, shape, path, *args, **kwargs)
         _perturbed_weight(out)
         return out
